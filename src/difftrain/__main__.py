@@ -1,0 +1,3 @@
+from difftrain.cli import main
+
+raise SystemExit(main())

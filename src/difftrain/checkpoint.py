@@ -1,0 +1,134 @@
+"""Checkpoint files: atomic writes, safe loads, and clear errors.
+
+A checkpoint is a plain dict of tensors and Python scalars, written with `torch.save` to a
+temporary file that is fsync'ed and renamed over the target, so a crash leaves either the
+old file or the new one. It is read back with `torch.load(weights_only=True)`: loading
+never runs code from the file.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+FORMAT = "difftrain-checkpoint"
+VERSION = 1
+STEP_FILE = re.compile(r"^step-(\d{7,})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read; the message names the file."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:07d}.pt"
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call `write(file)` on a temporary file beside `path`, fsync it, then rename it over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write '{path}': {e.strerror or e}; files written before are intact") from None
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    state = {"format": FORMAT, "version": VERSION, **state}
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint written by `save_checkpoint`; never executes code stored in the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"'{path}' is not a plain difftrain checkpoint (it asks to load code or objects, refused): {str(e).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint '{path}' is truncated or corrupt: {str(e).splitlines()[0]}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"'{path}' is not a difftrain checkpoint")
+    return state
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Checkpoints in `folder`, oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if STEP_FILE.match(p.name)), key=lambda p: int(STEP_FILE.match(p.name)[1]))
+
+
+def newest_valid_checkpoint(folder: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that loads, warning about each newer one that does not."""
+    for path in reversed(list_checkpoints(folder)):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as e:
+            warnings.warn(f"skipping unreadable checkpoint: {e}")
+    return None
+
+
+def prune_checkpoints(folder: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (keep <= 0 keeps everything)."""
+    if keep <= 0:
+        return
+    for path in list_checkpoints(folder)[:-keep]:
+        path.unlink(missing_ok=True)
+
+
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """`model.load_state_dict(state)` with an error that lists every mismatched key and shape."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        lines = [f"'{source}' holds weights of another architecture than the configured model:"]
+        for title, items in (("missing from checkpoint", missing), ("not in model", unexpected), ("shape mismatch", shapes)):
+            if items:
+                shown = items[:10] + ([f"... and {len(items) - 10} more"] if len(items) > 10 else [])
+                lines.append(f"  {title} ({len(items)}): " + "; ".join(shown))
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(state)
+
+
+def export_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    data = save(tensors, metadata=metadata)
+    atomic_write(path, lambda f: f.write(data))

@@ -1,0 +1,305 @@
+"""Typed run configuration: dataclasses, YAML recipes and `key=value` overrides.
+
+A config is built in three layers: the dataclass defaults, a recipe (a YAML file shipped
+in `difftrain/recipes/` or any path), then `section.key=value` overrides from the command
+line. Every value is checked against the field's declared type; an unknown key is an
+error naming the closest valid key. The resolved config is written next to the run and
+stored inside every checkpoint, so a run directory is self-describing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the key and what is valid."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "adm_unet"
+    model_channels: int = 64
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
+    num_res_blocks: int = 2
+    # Downsampling factors at which self-attention is used (LDM convention): 2 means
+    # the resolution image_size / 2.
+    attention_resolutions: list[int] = field(default_factory=lambda: [2])
+    num_heads: int = 4
+    num_head_channels: int = -1  # > 0 overrides num_heads with channels // this
+    dropout: float = 0.0
+    use_scale_shift_norm: bool = True
+    resblock_updown: bool = False
+    norm_groups: int = 32  # capped at the largest divisor of the channel count
+    # Filled from the data set when left at null: image channels, side and class count.
+    in_channels: int | None = None
+    image_size: int | None = None
+    num_classes: int | None = None
+
+
+@dataclass
+class DiffusionConfig:
+    process: str = "ddpm"
+    timesteps: int = 1000
+    schedule: str = "linear"  # linear | sqrt_linear | cosine
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    prediction: str = "eps"  # eps | x0 | v
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # digits | folder
+    path: str | None = None  # image folder for `folder`
+    image_size: int = 8
+    channels: int | None = None  # null: the data set's own (1 for digits, 3 for folders)
+    test_fraction: float = 0.3
+    split_seed: int = 0
+    random_flip: bool = False
+    class_from: str = "auto"  # auto | dir | prefix | none (folder data sets)
+    strict: bool = False  # folder: fail on the first unreadable image instead of skipping
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 128
+    lr: float = 2e-3
+    seed: int = 0
+    warmup_steps: int = 100
+    lr_schedule: str = "constant"  # constant | cosine
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    ema_rate: float = 0.999
+    ema_warmup: bool = True  # decay min(rate, (1 + n) / (10 + n)) as in LDM
+    label_dropout: float = 0.1  # fraction of labels replaced by the null class
+    log_every: int = 25
+    checkpoint_every: int = 500
+    sample_every: int = 500  # 0 disables grids during training (the final grid is always written)
+    keep_checkpoints: int = 3
+    resume: str = "auto"  # auto | none | path to a checkpoint
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class SampleConfig:
+    """Defaults for sample grids written during training and by `difftrain sample`."""
+
+    sampler: str = "ddim"  # ddim | ddpm
+    steps: int = 50
+    spacing: str = "trailing"  # leading | trailing | linspace (ddim)
+    guidance: float = 3.0  # classifier-free guidance scale; 1 = conditional only, 0 = unconditional
+    eta: float = 0.0
+    clip_x0: bool = True
+    batch_size: int = 250
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    recipe: str = ""  # the recipe this config was built from (informational)
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False, width=120)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Safe YAML with lists of scalars on one line: `channel_mult: [1, 2, 2]`."""
+
+
+_Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+
+
+# --- building a config -------------------------------------------------------------
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        sub = _dataclass_type(cls, f.name)
+        if sub is not None:
+            keys.extend(_all_keys(sub, f"{prefix}{f.name}."))
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _dataclass_type(cls: type, name: str) -> type | None:
+    hint = _hints(cls)[name]
+    return hint if dataclasses.is_dataclass(hint) else None
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(hint)[0])}"
+    return "null" if hint is type(None) else hint.__name__
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Return `value` as type `hint`, or raise ConfigError naming the key."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+    elif origin is list:
+        if isinstance(value, (list, tuple)):
+            (item,) = typing.get_args(hint)
+            return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif hint is type(None):
+        if value is None:
+            return None
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+
+
+def _unknown_key(key: str) -> ConfigError:
+    valid = _all_keys(Config)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not close:  # a bare name may match the last part of a dotted key
+        tails = {k.rsplit(".", 1)[-1]: k for k in valid}
+        hit = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(tails), n=1, cutoff=0.6)
+        close = [tails[hit[0]]] if hit else []
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint} (`difftrain train RECIPE --dry-run` lists all keys)")
+
+
+def set_key(cfg: Config, key: str, value: Any) -> None:
+    """Set the dotted `key` of `cfg` to `value`, type-checked."""
+    obj: Any = cfg
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+            raise _unknown_key(key)
+        sub = _dataclass_type(type(obj), part)
+        if i == len(parts) - 1:
+            if sub is not None:
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{key}: is a section; set its keys, e.g. {key}.{dataclasses.fields(sub)[0].name}=...")
+                for k, v in value.items():
+                    set_key(cfg, f"{key}.{k}", v)
+                return
+            setattr(obj, part, _coerce(value, _hints(type(obj))[part], key))
+            return
+        obj = getattr(obj, part)
+
+
+def apply_dict(cfg: Config, data: dict[str, Any], prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            apply_dict(cfg, v, f"{key}.")
+        else:
+            set_key(cfg, key, v)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.lr=1e-4` -> ("train.lr", 0.0001); values are read as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads 1e-4 as a string (it wants 1.0e-4); accept plain float syntax too.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
+def recipe_names() -> list[str]:
+    folder = resources.files("difftrain") / "recipes"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def recipe_text(name: str) -> str:
+    return (resources.files("difftrain") / "recipes" / f"{name}.yaml").read_text()
+
+
+def _read_recipe(recipe: str) -> tuple[str, dict[str, Any]]:
+    path = Path(recipe)
+    if recipe.endswith((".yaml", ".yml")) or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"recipe file '{recipe}' does not exist")
+        text, name = path.read_text(), path.stem
+    elif recipe in recipe_names():
+        text, name = recipe_text(recipe), recipe
+    else:
+        close = difflib.get_close_matches(recipe, recipe_names(), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown recipe '{recipe}'{hint} (choose from {', '.join(recipe_names())}, or give a .yaml path)")
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe '{recipe}' is not valid YAML: {e}") from None
+    return name, data
+
+
+def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the recipe (name or YAML path), then `key=value` overrides."""
+    cfg = Config()
+    if recipe:
+        name, data = _read_recipe(recipe)
+        cfg.run_dir = f"runs/{name}"
+        cfg.recipe = name
+        apply_dict(cfg, data)
+    for text in overrides:
+        set_key(cfg, *parse_override(text))
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a resolved config (from config.yaml or a checkpoint)."""
+    cfg = Config()
+    apply_dict(cfg, data)
+    return cfg

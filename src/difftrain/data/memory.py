@@ -1,0 +1,111 @@
+"""A data set held in memory as a uint8 tensor, batched without per-item Python work."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class ImageSet:
+    """Images (N, C, H, W) uint8 in [0, 255] with labels (N,) int64 (all 0 when unlabelled)."""
+
+    images: Tensor
+    labels: Tensor
+    class_names: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+        if len(self.labels) != len(self.images):
+            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+@dataclass
+class Splits:
+    train: ImageSet
+    test: ImageSet | None
+    skipped: list[str] = field(default_factory=list)  # unreadable files left out
+
+    @property
+    def channels(self) -> int:
+        return self.train.images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.train.images.shape[-1]
+
+    @property
+    def num_classes(self) -> int:
+        return self.train.num_classes
+
+
+def to_model_range(images: Tensor) -> Tensor:
+    """uint8 [0, 255] -> float [-1, 1]."""
+    return images.float().div_(127.5).sub_(1)
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """float [-1, 1] -> uint8 [0, 255], rounded."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+class BatchStream:
+    """Endless shuffled batches from an ImageSet, in an order fixed by (seed, epoch).
+
+    Each epoch is a permutation drawn from a generator seeded with seed + epoch, so the
+    position (epoch, offset) alone restores the data order on resume. Batches that would
+    cross an epoch end are completed from the next epoch. Random horizontal flips are drawn
+    per batch from the same generator.
+    """
+
+    def __init__(self, data: ImageSet, batch_size: int, *, seed: int = 0, random_flip: bool = False,
+                 device: torch.device | str = "cpu"):
+        if len(data) == 0:
+            raise ValueError("the training split is empty")
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.random_flip, self.device = random_flip, torch.device(device)
+        self.images = data.images.to(self.device)
+        self.labels = data.labels.to(self.device)
+        self.epoch, self.offset = 0, 0
+        self._perm = self._permutation(0)
+
+    def _generator(self, epoch: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+
+    def _permutation(self, epoch: int) -> Tensor:
+        return torch.randperm(len(self.data), generator=self._generator(epoch))
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+        self._perm = self._permutation(self.epoch)
+
+    def next(self) -> tuple[Tensor, Tensor]:
+        """(images in [-1, 1] float32 (B, C, H, W), labels (B,)) on the stream's device."""
+        parts, need = [], self.batch_size
+        while need:
+            take = self._perm[self.offset : self.offset + need]
+            parts.append(take)
+            need -= len(take)
+            self.offset += len(take)
+            if self.offset == len(self._perm):
+                self.epoch, self.offset = self.epoch + 1, 0
+                self._perm = self._permutation(self.epoch)
+        idx = torch.cat(parts).to(self.device)
+        x = to_model_range(self.images[idx])
+        if self.random_flip:
+            flip = torch.rand(len(idx), generator=self._generator(self.epoch * 7 + self.offset)) < 0.5
+            x = torch.where(flip.to(self.device)[:, None, None, None], x.flip(-1), x)
+        return x, self.labels[idx]

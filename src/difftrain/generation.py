@@ -1,0 +1,184 @@
+"""Sampling from trained models, and writing samples as a grid, a PNG folder or a .npz.
+
+Used by the training loop (sample grids) and by `difftrain sample RUN_DIR`. A run is
+rebuilt from its checkpoint alone: the checkpoint carries the resolved config.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from difftrain.checkpoint import CheckpointError, atomic_write, load_checkpoint, load_model_state, newest_valid_checkpoint
+from difftrain.config import Config, ConfigError, config_from_dict
+from difftrain.data.memory import to_uint8
+from difftrain.models import build_model
+from difftrain.processes import Schedule, make_denoiser
+from difftrain.samplers import SAMPLERS, PerSampleNoise, guided, spaced_timesteps
+
+OUTPUT_FORMATS = ("grid", "npz", "png-dir")
+
+
+@dataclass
+class LoadedRun:
+    cfg: Config
+    model: nn.Module
+    step: int
+    class_names: list[str]
+    source: Path
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' requested but CUDA is not available here; use device=cpu")
+    return device
+
+
+def make_schedule(cfg: Config) -> Schedule:
+    d = cfg.diffusion
+    return Schedule.make(d.schedule, d.timesteps, d.beta_start, d.beta_end)
+
+
+def load_run(path: str | Path, *, weights: str = "ema", device: str | torch.device = "cpu") -> LoadedRun:
+    """Model and config from a run directory (its newest valid checkpoint) or a checkpoint file.
+
+    `weights` is "ema" (the moving average, the default for sampling) or "raw".
+    """
+    path = Path(path)
+    if path.is_dir():
+        found = newest_valid_checkpoint(path / "checkpoints")
+        if found is None:
+            raise CheckpointError(f"no readable checkpoint in '{path / 'checkpoints'}' (is '{path}' a run directory?)")
+        source, state = found
+    else:
+        source, state = path, load_checkpoint(path)
+    cfg = config_from_dict(state["config"])
+    model = build_model(cfg.model)
+    if weights == "ema":
+        load_model_state(model, state["ema"]["weights"], str(source))
+    elif weights == "raw":
+        load_model_state(model, state["model"], str(source))
+    else:
+        raise ConfigError(f"unknown weights '{weights}'; choose from ema, raw")
+    model.to(resolve_device(str(device)) if isinstance(device, str) else device).eval()
+    return LoadedRun(cfg, model, int(state["step"]), list(state.get("class_names", [])), source)
+
+
+def cycled_labels(n: int, num_classes: int, classes: list[int] | None = None) -> Tensor | None:
+    """Labels for n samples cycling through `classes` (all classes by default); None if unconditional."""
+    if not num_classes:
+        return None
+    classes = classes if classes is not None else list(range(num_classes))
+    return torch.tensor([classes[i % len(classes)] for i in range(n)], dtype=torch.long)
+
+
+@torch.no_grad()
+def generate(model: nn.Module, cfg: Config, n: int, *, labels: Tensor | None = None, seed: int = 0,
+             sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
+             eta: float | None = None, batch_size: int | None = None, progress: bool = False) -> Tensor:
+    """n samples as uint8 (n, C, H, W); sample i depends only on (seed, i, label i), not on batching."""
+    sc = cfg.sample
+    sampler, steps = sampler or sc.sampler, steps or sc.steps
+    guidance = sc.guidance if guidance is None else guidance
+    eta = sc.eta if eta is None else eta
+    batch_size = batch_size or sc.batch_size
+    sample_fn = SAMPLERS[sampler]
+    schedule = make_schedule(cfg)
+    ts = list(range(schedule.timesteps - 1, -1, -1)) if sampler == "ddpm" else spaced_timesteps(schedule.timesteps, steps, sc.spacing)
+    options = {"eta": eta} if sampler == "ddim" else {}
+    device = next(model.parameters()).device
+    shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
+    num_classes = cfg.model.num_classes or 0
+    if labels is not None and num_classes and int(labels.max()) >= num_classes:
+        raise ConfigError(f"class {int(labels.max())} out of range: the model has {num_classes} classes")
+
+    bar = tqdm(total=n * len(ts) // 1, disable=not progress, desc=f"{sampler} {len(ts)} steps", unit="img-step", leave=False)
+    out = []
+    for start in range(0, n, batch_size):
+        idx = range(start, min(start + batch_size, n))
+        noise = PerSampleNoise(seed, idx)
+        x = noise.randn_like(torch.empty(len(idx), *shape)).to(device)
+        y = labels[start : start + len(idx)].to(device) if (labels is not None and num_classes) else None
+        model_fn = guided(model, y, guidance, num_classes if num_classes else None)
+        denoise = make_denoiser(model_fn, schedule, cfg.diffusion.prediction, clip_x0=sc.clip_x0)
+        x = sample_fn(denoise, x, ts, schedule=schedule, noise=noise.randn_like,
+                      progress=lambda k: bar.update(k * len(idx)), **options)
+        out.append(to_uint8(x).cpu())
+    bar.close()
+    return torch.cat(out)
+
+
+# --- writing samples ------------------------------------------------------------------
+
+def grid_order(labels: Tensor | None, n: int) -> tuple[Tensor, int]:
+    """An order that puts one class per row, and the row length, when n splits evenly by class."""
+    if labels is None:
+        return torch.arange(n), max(1, int(math.ceil(math.sqrt(n))))
+    counts = torch.bincount(labels)
+    present = counts[counts > 0]
+    if bool((present == present[0]).all()):
+        return torch.argsort(labels, stable=True), int(present[0])
+    return torch.arange(n), max(1, int(math.ceil(math.sqrt(n))))
+
+
+def write_grid(images: Tensor, labels: Tensor | None, path: Path, *, scale: int | None = None) -> Path:
+    """A PNG grid (one class per row when possible); small images are upscaled to be legible."""
+    from torchvision.utils import make_grid
+    from PIL import Image
+
+    order, nrow = grid_order(labels, len(images))
+    grid = make_grid(images[order], nrow=nrow, padding=1, pad_value=128)  # (C, H, W) uint8
+    size = images.shape[-1]
+    scale = scale or max(1, 32 // size)
+    if scale > 1:
+        grid = grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    arr = grid.permute(1, 2, 0).numpy()
+    img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: img.save(f, format="PNG"))
+    return path
+
+
+def write_npz(images: Tensor, labels: Tensor | None, path: Path) -> Path:
+    """guided-diffusion's layout: arr_0 uint8 (N, H, W, C), arr_1 int64 labels when conditional."""
+    arrays = [images.permute(0, 2, 3, 1).numpy()]
+    if labels is not None:
+        arrays.append(labels.numpy().astype(np.int64))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: np.savez(f, *arrays))
+    return path
+
+
+def write_png_dir(images: Tensor, labels: Tensor | None, folder: Path, class_names: list[str] | None = None) -> Path:
+    """One PNG per sample named CLASS_NNNNNN.png, readable back as an image folder (class from prefix)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        arr = img.permute(1, 2, 0).numpy()
+        if labels is not None:
+            name = class_names[int(labels[i])] if class_names else str(int(labels[i]))
+            file = folder / f"{name}_{i:06d}.png"
+        else:
+            file = folder / f"{i:06d}.png"
+        Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(file)
+    return folder
+
+
+def write_samples(images: Tensor, labels: Tensor | None, out: Path, fmt: str, class_names: list[str] | None = None) -> Path:
+    if fmt == "grid":
+        return write_grid(images, labels, out)
+    if fmt == "npz":
+        return write_npz(images, labels, out)
+    if fmt == "png-dir":
+        return write_png_dir(images, labels, out, class_names)
+    raise ConfigError(f"unknown format '{fmt}'; choose from {', '.join(OUTPUT_FORMATS)}")
