@@ -55,7 +55,10 @@ def atomic_write(path: Path, write) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
         raise CheckpointError(f"could not write '{path}': {e.strerror or e}; files written before are intact") from None
     _fsync_dir(path.parent)
 

@@ -201,6 +201,11 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.resume()
+        if self.step >= t.steps and (self.run_dir / "weights-ema.safetensors").exists():
+            print(f"difftrain: {self.run_dir} is already trained to step {self.step} (train.steps={t.steps}); "
+                  f"nothing to do. Raise train.steps to train on, or sample with: difftrain sample {self.run_dir}",
+                  file=sys.stderr)
+            return self.run_dir
         atomic_write(self.run_dir / "config.yaml", lambda f: f.write(cfg.to_yaml().encode()))
         log = MetricsLog(self.run_dir, t.tensorboard)
         n_params = sum(p.numel() for p in self.model.parameters())

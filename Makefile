@@ -1,0 +1,31 @@
+# Set-up and everyday commands. `make demo` and `make test` do all set-up on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+RUN_DIR ?= runs/digits
+
+.PHONY: demo test test-all bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(BIN)/difftrain train digits run_dir=$(RUN_DIR)
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q
+
+test-all: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q -m ""
+
+clean:
+	rm -rf runs build src/*.egg-info .pytest_cache

@@ -1,0 +1,62 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from difftrain.config import load_config
+from difftrain.training import EMA, Trainer, lr_at
+from tests.conftest import TINY
+
+
+def test_lr_warmup_constant_and_cosine():
+    cfg = load_config("digits", ["train.lr=1.0", "train.warmup_steps=10", "train.steps=110"])
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0) and lr_at(50, cfg) == 1.0
+    cfg.train.lr_schedule = "cosine"
+    assert lr_at(10, cfg) == pytest.approx(1.0) and lr_at(60, cfg) == pytest.approx(0.5) and lr_at(110, cfg) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_ema_warmup_and_update():
+    m = nn.Linear(2, 2, bias=False)
+    ema = EMA(m, rate=0.99, warmup=True)
+    assert ema.decay() == pytest.approx(0.1)  # (1 + 0) / (10 + 0)
+    with torch.no_grad():
+        m.weight.fill_(1.0)
+    start = ema.model.weight.clone()
+    ema.update(m)
+    assert torch.allclose(ema.model.weight, 0.1 * start + 0.9)
+    for _ in range(5000):
+        ema.update(m)
+    assert ema.decay() == 0.99 and torch.allclose(ema.model.weight, torch.ones(2, 2))
+    assert not any(p.requires_grad for p in ema.model.parameters())
+
+
+def _tiny_trainer(tmp_path, *extra):
+    return Trainer(load_config("digits", [f"run_dir={tmp_path}", *TINY, *extra]))
+
+
+def test_train_step_reduces_loss_on_a_fixed_batch(tmp_path):
+    tr = _tiny_trainer(tmp_path, "train.lr=3e-3")
+    losses = [tr.train_step(3e-3)[0] for _ in range(40)]
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10
+
+
+def test_label_dropout_uses_null_class(tmp_path, monkeypatch):
+    tr = _tiny_trainer(tmp_path, "train.label_dropout=0.5")
+    seen = []
+    forward = tr.model.forward
+    monkeypatch.setattr(tr.model, "forward", lambda x, t, y=None: (seen.append(y.clone()), forward(x, t, y))[1])
+    tr.train_step(1e-3)
+    y = seen[0]
+    assert y.max() == 10 and 0.25 < (y == 10).float().mean() < 0.75
+
+
+def test_nonfinite_loss_skips_update(tmp_path, monkeypatch):
+    tr = _tiny_trainer(tmp_path)
+    before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    monkeypatch.setattr(tr.stream, "next", lambda: (torch.full((4, 1, 8, 8), float("nan")), torch.zeros(4, dtype=torch.long)))
+    loss, _ = tr.train_step(1e-3)
+    assert math.isnan(loss)
+    assert all(torch.equal(before[k], v) for k, v in tr.model.state_dict().items())
+    assert tr.ema.updates == 0
