@@ -19,8 +19,8 @@ from difftrain.checkpoint import CheckpointError, atomic_write, load_checkpoint,
 from difftrain.config import Config, ConfigError, config_from_dict
 from difftrain.data.memory import to_uint8
 from difftrain.models import build_model
-from difftrain.processes import Schedule, make_denoiser
-from difftrain.samplers import SAMPLERS, PerSampleNoise, guided, spaced_timesteps
+from difftrain.processes import build_process
+from difftrain.samplers import PerSampleNoise, guided, run_sampler
 
 OUTPUT_FORMATS = ("grid", "npz", "png-dir")
 
@@ -41,11 +41,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device '{name}' requested but CUDA is not available here; use device=cpu")
     return device
-
-
-def make_schedule(cfg: Config) -> Schedule:
-    d = cfg.diffusion
-    return Schedule.make(d.schedule, d.timesteps, d.beta_start, d.beta_end)
 
 
 def load_run(path: str | Path, *, weights: str = "ema", device: str | torch.device = "cpu") -> LoadedRun:
@@ -91,17 +86,14 @@ def generate(model: nn.Module, cfg: Config, n: int, *, labels: Tensor | None = N
     guidance = sc.guidance if guidance is None else guidance
     eta = sc.eta if eta is None else eta
     batch_size = batch_size or sc.batch_size
-    sample_fn = SAMPLERS[sampler]
-    schedule = make_schedule(cfg)
-    ts = list(range(schedule.timesteps - 1, -1, -1)) if sampler == "ddpm" else spaced_timesteps(schedule.timesteps, steps, sc.spacing)
-    options = {"eta": eta} if sampler == "ddim" else {}
+    process = build_process(cfg.diffusion)
     device = next(model.parameters()).device
     shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
     num_classes = cfg.model.num_classes or 0
     if labels is not None and num_classes and int(labels.max()) >= num_classes:
         raise ConfigError(f"class {int(labels.max())} out of range: the model has {num_classes} classes")
 
-    bar = tqdm(total=n * len(ts) // 1, disable=not progress, desc=f"{sampler} {len(ts)} steps", unit="img-step", leave=False)
+    bar = tqdm(total=n, disable=not progress, desc=f"{sampler} sampling", unit="img", leave=False)
     out = []
     for start in range(0, n, batch_size):
         idx = range(start, min(start + batch_size, n))
@@ -109,10 +101,10 @@ def generate(model: nn.Module, cfg: Config, n: int, *, labels: Tensor | None = N
         x = noise.randn_like(torch.empty(len(idx), *shape)).to(device)
         y = labels[start : start + len(idx)].to(device) if (labels is not None and num_classes) else None
         model_fn = guided(model, y, guidance, num_classes if num_classes else None)
-        denoise = make_denoiser(model_fn, schedule, cfg.diffusion.prediction, clip_x0=sc.clip_x0)
-        x = sample_fn(denoise, x, ts, schedule=schedule, noise=noise.randn_like,
-                      progress=lambda k: bar.update(k * len(idx)), **options)
+        x = run_sampler(process, sampler, model_fn, x, steps=steps, spacing=sc.spacing, clip_x0=sc.clip_x0, eta=eta,
+                        noise=noise.randn_like)
         out.append(to_uint8(x).cpu())
+        bar.update(len(idx))
     bar.close()
     return torch.cat(out)
 

@@ -119,3 +119,34 @@ def make_denoiser(model: ModelFn, s: Schedule, prediction: str = "eps", clip_x0:
         return x0, eps
 
     return denoise
+
+
+class GaussianDiffusion:
+    """The DDPM process bound to a schedule and a prediction type: what training and sampling need.
+
+    `sample_t` draws training timesteps, `loss` gives per-sample losses, `denoiser` wraps a
+    model for the samplers. Every process (see `processes.PROCESSES`) offers these methods.
+    """
+
+    name = "ddpm"
+    discrete = True  # integer timesteps 0..T-1
+
+    def __init__(self, schedule: Schedule, prediction: str = "eps"):
+        if prediction not in PREDICTIONS:
+            raise ConfigError(f"unknown prediction '{prediction}'; choose from {', '.join(PREDICTIONS)}")
+        self.schedule, self.prediction = schedule, prediction
+
+    @property
+    def timesteps(self) -> int:
+        return self.schedule.timesteps
+
+    def sample_t(self, n: int, device: torch.device | str = "cpu") -> Tensor:
+        """Uniform integer timesteps (B,)."""
+        return torch.randint(0, self.timesteps, (n,), device=device)
+
+    def loss(self, model: ModelFn, x0: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:
+        """Per-sample loss (B,)."""
+        return training_loss(model, self.schedule, x0, t, torch.randn_like(x0) if noise is None else noise, self.prediction)
+
+    def denoiser(self, model: ModelFn, clip_x0: bool = False) -> Denoiser:
+        return make_denoiser(model, self.schedule, self.prediction, clip_x0)

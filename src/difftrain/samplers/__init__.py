@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from typing import Callable
+
+from torch import Tensor
+
 from difftrain.config import ConfigError
+from difftrain.processes import GaussianDiffusion
 from difftrain.registry import Registry
 from difftrain.samplers.guidance import guided
 from difftrain.samplers.noise import PerSampleNoise, sample_seed
@@ -37,4 +42,21 @@ def spaced_timesteps(timesteps: int, steps: int, spacing: str = "leading") -> li
     return sorted({int(t) for t in ts}, reverse=True)
 
 
-__all__ = ["SAMPLERS", "SPACINGS", "PerSampleNoise", "guided", "sample_ddim", "sample_ddpm", "sample_seed", "spaced_timesteps"]
+def run_sampler(process, name: str, model_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, *, steps: int,
+                spacing: str = "trailing", clip_x0: bool = False, eta: float = 0.0,
+                noise: Callable[[Tensor], Tensor] | None = None, progress: Callable | None = None) -> Tensor:
+    """Sample from `process` with the sampler called `name`, starting from noise `x`.
+
+    `ddpm` walks every timestep; the others take `steps` timesteps spaced by `spacing`.
+    """
+    fn = SAMPLERS[name]
+    if not isinstance(process, GaussianDiffusion):
+        raise ConfigError(f"sampler '{name}' does not apply to process '{process.name}'")
+    T = process.timesteps
+    ts = list(range(T - 1, -1, -1)) if name == "ddpm" else spaced_timesteps(T, steps, spacing)
+    options = {"eta": eta} if name == "ddim" else {}
+    kwargs = {"noise": noise} if noise is not None else {}
+    return fn(process.denoiser(model_fn, clip_x0), x, ts, schedule=process.schedule, progress=progress, **kwargs, **options)
+
+
+__all__ = ["run_sampler", "SAMPLERS", "SPACINGS", "PerSampleNoise", "guided", "sample_ddim", "sample_ddpm", "sample_seed", "spaced_timesteps"]

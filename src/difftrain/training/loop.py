@@ -28,9 +28,9 @@ from difftrain.checkpoint import (
 )
 from difftrain.config import Config, ConfigError
 from difftrain.data import BatchStream, Splits, load_data
-from difftrain.generation import cycled_labels, generate, make_schedule, resolve_device, write_grid
+from difftrain.generation import cycled_labels, generate, resolve_device, write_grid
 from difftrain.models import build_model
-from difftrain.processes import training_loss
+from difftrain.processes import build_process
 from difftrain.training.ema import EMA
 from difftrain.training.metrics import MetricsLog
 
@@ -116,7 +116,7 @@ class Trainer:
         resolve_config(cfg, self.data)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.schedule = make_schedule(cfg)  # validates the diffusion keys before any file is written
+        self.process = build_process(cfg.diffusion)  # validates the diffusion keys before any file is written
         self.model = build_model(cfg.model).to(self.device)
         self.ema = EMA(self.model, t.ema_rate, t.ema_warmup)
         # The fused AdamW kernel (CPU and CUDA) is about 10% faster per step here than foreach.
@@ -183,9 +183,8 @@ class Trainer:
             y = torch.where(drop, torch.full_like(y, self.null_label), y)
         else:
             y = None
-        ts = torch.randint(0, self.schedule.timesteps, (b,), device=self.device)
-        noise = torch.randn_like(x0)
-        loss = training_loss(lambda x, tt: self.model(x, tt, y), self.schedule, x0, ts, noise, self.cfg.diffusion.prediction).mean()
+        ts = self.process.sample_t(b, self.device)
+        loss = self.process.loss(lambda x, tt: self.model(x, tt, y), x0, ts).mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
