@@ -78,4 +78,4 @@ def test_cli_dry_run_and_recipes():
     cfg = config_from_dict(__import__("yaml").safe_load(proc.stdout))
     assert cfg.train.steps == 11 and cfg.data.name == "digits"
     listing = run_cli("recipes").stdout
-    assert listing.startswith("digits") and "8x8 digits" in listing
+    assert any(line.startswith("digits ") and "8x8 digits" in line for line in listing.splitlines())

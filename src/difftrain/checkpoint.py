@@ -91,7 +91,7 @@ def list_checkpoints(folder: Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted((p for p in folder.iterdir() if STEP_FILE.match(p.name)), key=lambda p: int(STEP_FILE.match(p.name)[1]))
+    return sorted((p for p in folder.iterdir() if STEP_FILE.match(p.name)), key=checkpoint_step)
 
 
 def newest_valid_checkpoint(folder: Path) -> tuple[Path, dict[str, Any]] | None:
@@ -104,11 +104,31 @@ def newest_valid_checkpoint(folder: Path) -> tuple[Path, dict[str, Any]] | None:
     return None
 
 
-def prune_checkpoints(folder: Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints (keep <= 0 keeps everything)."""
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Delete temporary files that writers killed mid-write left behind (any process but this one)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.glob(".*.tmp-*") if not p.name.endswith(f".tmp-{os.getpid()}")]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(STEP_FILE.match(Path(path).name)[1])
+
+
+def prune_checkpoints(folder: Path, keep: int, milestone_every: int = 0) -> None:
+    """Delete all but the newest `keep` checkpoints (keep <= 0 keeps everything), sparing milestones.
+
+    A milestone is a checkpoint whose step is a multiple of `milestone_every` (> 0).
+    """
     if keep <= 0:
         return
     for path in list_checkpoints(folder)[:-keep]:
+        if milestone_every > 0 and checkpoint_step(path) % milestone_every == 0:
+            continue
         path.unlink(missing_ok=True)
 
 
@@ -135,3 +155,22 @@ def export_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dic
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     data = save(tensors, metadata=metadata)
     atomic_write(path, lambda f: f.write(data))
+
+
+def select_weights(state: dict[str, Any], weights: str, source: str) -> dict[str, torch.Tensor]:
+    """The state dict named by `weights`: "ema" (the default EMA), "raw", or an EMA rate such as "0.9999"."""
+    if weights == "raw":
+        return state["model"]
+    if weights == "ema":
+        return state["ema"]["weights"]
+    emas = state.get("emas") or [state["ema"]]
+    rates = [float(e["rate"]) for e in emas]
+    try:
+        rate = float(weights)
+    except ValueError:
+        rate = None
+    for e in emas:
+        if rate is not None and float(e["rate"]) == rate:
+            return e["weights"]
+    raise CheckpointError(f"unknown weights '{weights}' for '{source}'; choose from ema, raw, "
+                          + ", ".join(repr(r) for r in rates))

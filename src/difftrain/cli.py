@@ -1,4 +1,4 @@
-"""Command line: `difftrain train | sample | recipes`. It only builds typed configs and calls the library."""
+"""Command line: `difftrain train | sample | recipes | data | eval`. It only builds typed configs and calls the library."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from difftrain.config import ConfigError, load_config, recipe_names, recipe_text
 def _error_types() -> tuple[type[BaseException], ...]:
     from difftrain.checkpoint import CheckpointError
     from difftrain.data import DataError
+    from difftrain.evaluation import EvaluationError
     from difftrain.training import TrainingError
 
-    return (ConfigError, CheckpointError, DataError, TrainingError)
+    return (ConfigError, CheckpointError, DataError, TrainingError, EvaluationError)
 
 
 def parse_classes(text: str, num_classes: int) -> list[int] | None:
@@ -49,25 +50,44 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from difftrain.generation import OUTPUT_FORMATS, cycled_labels, generate, load_run, write_samples
+    from difftrain.generation import OUTPUT_FORMATS, cycled_labels, generate, load_run, write_samples, write_trajectory
 
     if args.format not in OUTPUT_FORMATS:
         raise ConfigError(f"unknown --format '{args.format}'; choose from {', '.join(OUTPUT_FORMATS)}")
     run = load_run(args.run, weights=args.ema, device=args.device)
     cfg = run.cfg
-    if args.spacing:
-        cfg.sample.spacing = args.spacing
-    if args.clip_x0 is not None:
-        cfg.sample.clip_x0 = args.clip_x0
+    for key in ("spacing", "respacing", "variance", "clip_x0"):
+        if getattr(args, key) is not None:
+            setattr(cfg.sample, key, getattr(args, key))
+    if args.guidance_interval is not None:
+        cfg.sample.guidance_interval = parse_interval(args.guidance_interval)
     num_classes = cfg.model.num_classes or 0
     classes = parse_classes(args.classes, num_classes) if (num_classes and args.classes) else None
     labels = cycled_labels(args.n, num_classes, classes)
+    frames: list | None = [] if args.trajectory else None
     images = generate(run.model, cfg, args.n, labels=labels, seed=args.seed, sampler=args.sampler, steps=args.steps,
-                      guidance=args.guidance, eta=args.eta, batch_size=args.batch_size, progress=not args.quiet)
+                      guidance=args.guidance, eta=args.eta, batch_size=args.batch_size, progress=not args.quiet,
+                      trajectory=frames)
     default_out = {"grid": "samples.png", "npz": "samples.npz", "png-dir": "samples"}[args.format]
     out = write_samples(images, labels, Path(args.out or default_out), args.format, run.class_names)
     print(f"wrote {len(images)} samples ({args.format}) from {run.source} (step {run.step}) to {out}")
+    if frames is not None:
+        path = Path(args.trajectory)
+        fmt = "gif" if path.suffix.lower() == ".gif" else "strip"
+        write_trajectory(frames, labels, path, fmt=fmt, max_frames=args.trajectory_frames)
+        print(f"wrote the denoising trajectory ({fmt}, {min(args.trajectory_frames, len(frames))} of {len(frames)} frames) to {path}")
     return 0
+
+
+def parse_interval(text: str) -> list[float]:
+    """`0.2,0.8` -> [0.2, 0.8]: the guidance interval as fractions t / T."""
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--guidance-interval '{text}': use lo,hi with 0 <= lo <= hi <= 1, e.g. 0.1,0.7") from None
+    if not 0 <= lo <= hi <= 1:
+        raise ConfigError(f"--guidance-interval '{text}': need 0 <= lo <= hi <= 1")
+    return [lo, hi]
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
@@ -75,6 +95,189 @@ def cmd_recipes(args: argparse.Namespace) -> int:
         data = yaml.safe_load(recipe_text(name)) or {}
         print(f"{name:24s} {data.get('description', '')}")
     return 0
+
+
+def cmd_data_fonts(args: argparse.Namespace) -> int:
+    from difftrain.data.fonts import render_fonts
+
+    out, used, skipped = render_fonts(args.out, args.font or None, size=args.size,
+                                      include_default=not args.no_default_font, max_fonts=args.max_fonts)
+    for line in skipped:
+        print(f"skipped {line}", file=sys.stderr)
+    print(f"wrote {len(used)} fonts x 26 letters ({args.size}x{args.size}) to {out}")
+    return 0
+
+
+def cmd_data_shard(args: argparse.Namespace) -> int:
+    from difftrain.data.shards import INDEX_NAME, write_shards
+
+    meta = write_shards(args.folder, args.out, args.shard_size, image_size=args.image_size, channels=args.channels,
+                        class_from=args.class_from, seed=args.seed, prefix=args.prefix)
+    n = sum(s["count"] for s in meta["shards"])
+    print(f"wrote {n} images in {len(meta['shards'])} shards, {len(meta['classes'])} classes, to {args.out} "
+          f"(index {Path(args.out) / INDEX_NAME}); {len(meta['skipped'])} unreadable left out")
+    return 0
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from difftrain.data.inspect import inspect_source
+
+    report = inspect_source(args.source, name=args.name, preview=args.preview or None, image_size=args.image_size,
+                            per_class=args.per_class, limit=args.limit, download=args.download)
+    print(report.format())
+    return 0
+
+
+def _add_data_commands(sub) -> None:
+    d = sub.add_parser("data", help="prepare and inspect data sets", description="Prepare and inspect data sets.")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+
+    f = dsub.add_parser("fonts", help="render the letters-in-fonts data set",
+                        description="Render A-Z in every TrueType/OpenType font found on this machine (or given) "
+                        "as black-and-white images, one font per row, into OUT (.npz or .csv).")
+    f.add_argument("out", help="output file, .npz or .csv")
+    f.add_argument("--font", action="append", metavar="PATH", help="a font file (repeatable); default: the fonts found")
+    f.add_argument("--size", type=int, default=32, help="letter image side in pixels (default 32)")
+    f.add_argument("--max-fonts", type=int, default=0, help="use at most this many fonts (0: all)")
+    f.add_argument("--no-default-font", action="store_true", help="leave out Pillow's built-in font")
+    f.set_defaults(func=cmd_data_fonts)
+
+    s = dsub.add_parser("shard", help="write an image folder as WebDataset tar shards",
+                        description="Write the images under FOLDER, shuffled, as tar shards (KEY.png + KEY.cls) "
+                        "plus shards.json into OUT.")
+    s.add_argument("folder")
+    s.add_argument("out")
+    s.add_argument("--shard-size", type=int, default=10000, help="images per shard (default 10000)")
+    s.add_argument("--image-size", type=int, default=None, help="resize and center-crop to this side first")
+    s.add_argument("--channels", type=int, choices=[1, 3], default=None)
+    s.add_argument("--class-from", default="auto", choices=["auto", "dir", "prefix", "none"])
+    s.add_argument("--seed", type=int, default=0, help="seed of the shuffle before writing")
+    s.add_argument("--prefix", default="shard", help="shard file name prefix (default shard-000000.tar)")
+    s.set_defaults(func=cmd_data_shard)
+
+    i = dsub.add_parser("inspect", help="counts, classes, sizes, preview grid, unreadable files",
+                        description="Report on SOURCE: a data set name (digits, mnist, ...), an image folder, "
+                        "a CIFAR folder, a fonts .npz/.csv, or shards (folder, shards.json, pattern or URL).")
+    i.add_argument("source")
+    i.add_argument("--name", default=None, help="the data set kind when the guess is wrong (e.g. mnist, celebahq)")
+    i.add_argument("--preview", default="preview.png", help="preview grid PNG (default preview.png; '' for none)")
+    i.add_argument("--image-size", type=int, default=None, help="preview image side (default: native, 32 for folders)")
+    i.add_argument("--per-class", type=int, default=8, help="preview images per class (default 8)")
+    i.add_argument("--limit", type=int, default=0, help="shards: read at most this many samples (0: all)")
+    i.add_argument("--download", action="store_true", help="fetch mnist / cifar files when missing")
+    i.set_defaults(func=cmd_data_inspect)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from difftrain.evaluation import EvaluationError
+    from difftrain.evaluation.report import default_metric, evaluate_samples, format_report
+
+    if args.nll:
+        return _eval_nll(args)
+    if not args.run and not args.samples:
+        raise EvaluationError("give a run directory / checkpoint to sample from, or --samples FILE.npz")
+    from difftrain.generation import resolve_device
+
+    run = data = None
+    if args.run:
+        from difftrain.generation import load_run
+
+        run = load_run(args.run, weights=args.ema, device=args.device)
+        data = run.cfg.data
+    if args.samples:
+        from difftrain.evaluation.samples import load_npz
+
+        images, labels = load_npz(args.samples)
+        source = f"{args.samples} ({len(images)} samples)"
+    else:
+        from difftrain.generation import cycled_labels, generate
+
+        labels = cycled_labels(args.n, run.cfg.model.num_classes or 0)
+        images = generate(run.model, run.cfg, args.n, labels=labels, seed=args.seed, sampler=args.sampler,
+                          steps=args.steps, guidance=args.guidance, batch_size=args.batch_size, progress=not args.quiet)
+        sc = run.cfg.sample
+        source = (f"{run.source} (step {run.step}, {args.ema} weights): {args.n} samples, seed {args.seed}, "
+                  f"{args.sampler or sc.sampler} {args.steps or sc.steps} steps, "
+                  f"guidance {sc.guidance if args.guidance is None else args.guidance}")
+    metric = args.metric or default_metric(data)
+    result = evaluate_samples(images, labels, metric, data=data, cache=args.cache_dir,
+                              inception_weights=args.inception_weights, device=str(resolve_device(args.device)))
+    result["samples"] = source
+    print(f"samples: {source}")
+    print(format_report(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _eval_nll(args: argparse.Namespace) -> int:
+    """`difftrain eval --nll RUN`: bits/dim of the test split under the model's variational bound."""
+    import json
+
+    from difftrain.data import load_data
+    from difftrain.evaluation import EvaluationError
+    from difftrain.evaluation.nll import dataset_bits_per_dim
+    from difftrain.generation import load_run
+    from difftrain.processes import GaussianDiffusion, build_process
+
+    if not args.run:
+        raise EvaluationError("--nll needs a run directory or checkpoint")
+    run = load_run(args.run, weights=args.ema, device=args.device)
+    process = build_process(run.cfg.diffusion)
+    if not isinstance(process, GaussianDiffusion):
+        raise EvaluationError(f"--nll needs a Gaussian (ddpm) process, not '{run.cfg.diffusion.process}'")
+    test = load_data(run.cfg.data).test
+    if test is None or not len(test):
+        raise EvaluationError("the run's data set has no test split")
+    n = min(args.n, len(test))
+    labels = test.labels[:n] if run.cfg.model.num_classes else None
+    result = dataset_bits_per_dim(run.model, process, test.images[:n], labels, batch_size=args.batch_size or 256,
+                                  seed=args.seed, progress=not args.quiet)
+    result["conditional"] = labels is not None
+    result["source"] = f"{run.source} (step {run.step}, {args.ema} weights)"
+    print(f"{result['source']}: {n} test images, {result['timesteps']} timesteps, {result['variance']} variance"
+          f"{', conditioned on the true labels' if labels is not None else ''}")
+    print(f"NLL {result['bits_per_dim']:.4f} +- {result['bits_per_dim_std_error']:.4f} bits/dim "
+          f"(prior term {result['prior_bits_per_dim']:.2e})")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _add_eval_command(sub) -> None:
+    e = sub.add_parser("eval", help="score samples of a run or an .npz", description="Score samples: drawn from RUN "
+                       "(a run directory or checkpoint), or read from --samples FILE.npz (guided-diffusion layout: "
+                       "arr_0 uint8 NHWC, arr_1 labels). With both, RUN names the data set of the reference.")
+    e.add_argument("run", nargs="?", default=None, help="run directory or checkpoint .pt")
+    e.add_argument("--samples", default=None, metavar="FILE.npz", help="score these samples instead of sampling")
+    e.add_argument("--nll", action="store_true", help="negative log-likelihood (bits/dim) of the test split "
+                   "(at most --n images) under the variational bound, all timesteps; Gaussian process only")
+    e.add_argument("--metric", choices=["digits", "fid"], default=None,
+                   help="digits: offline classifier metric (default for digit data); fid: FID/KID/IS/precision-recall "
+                   "through torch-fidelity (needs it installed and the Inception weights on disk)")
+    e.add_argument("--n", type=int, default=1000, help="samples to draw from RUN (default 1000)")
+    from difftrain.samplers import sampler_names
+
+    e.add_argument("--sampler", choices=sampler_names(), default=None, help="default: the recipe's")
+    e.add_argument("--steps", type=int, default=None)
+    e.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the recipe's)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--batch-size", type=int, default=None)
+    e.add_argument("--ema", default="ema", metavar="ema|raw|RATE", help="weights to sample with (default ema)")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--cache-dir", default=None, help="classifier / reference statistics cache "
+                   "(default $DIFFTRAIN_CACHE or ~/.cache/difftrain)")
+    e.add_argument("--inception-weights", default=None, metavar="FILE",
+                   help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: the torch hub cache)")
+    e.add_argument("--json", default=None, metavar="OUT", help="also write the numbers as JSON")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_eval)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,27 +291,41 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     t.set_defaults(func=cmd_train)
 
+    from difftrain.samplers import SPACINGS, sampler_names
+
     s = sub.add_parser("sample", help="sample from a trained run", description="Sample from RUN (a run directory or a checkpoint file).")
     s.add_argument("run", help="run directory or checkpoint .pt")
     s.add_argument("--n", type=int, default=100, help="number of samples (default 100)")
-    s.add_argument("--sampler", choices=["ddim", "ddpm"], default=None, help="default: the recipe's")
-    s.add_argument("--steps", type=int, default=None, help="sampling steps (ddim); ddpm always walks all timesteps")
+    s.add_argument("--sampler", choices=sampler_names(), default=None,
+                   help="default: the recipe's; process flow offers euler and heun")
+    s.add_argument("--steps", type=int, default=None, help="sampling steps; ddpm walks all timesteps unless --respacing")
+    s.add_argument("--respacing", default=None, help='guided-diffusion timestep_respacing: "250", "ddim50", "10,15,20"')
     s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = none, 0 = unconditional)")
+    s.add_argument("--guidance-interval", default=None, metavar="LO,HI",
+                   help="guide only where LO <= t/T <= HI (e.g. 0.1,0.7); elsewhere the conditional model")
     s.add_argument("--eta", type=float, default=None, help="DDIM eta (0 deterministic)")
-    s.add_argument("--spacing", choices=["leading", "trailing", "linspace"], default=None)
+    s.add_argument("--variance", choices=["auto", "small", "large", "learned"], default=None, help="ddpm variance")
+    s.add_argument("--spacing", choices=list(SPACINGS), default=None, help="karras: Karras et al. 2022 sigmas")
     s.add_argument("--clip-x0", dest="clip_x0", action=argparse.BooleanOptionalAction, default=None)
     s.add_argument("--classes", default="all", help="all, 3, 0-9 or 1,4,7 (labels cycle through them)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=int, default=None)
-    s.add_argument("--ema", choices=["ema", "raw"], default="ema", help="EMA or raw weights")
+    s.add_argument("--ema", default="ema", metavar="ema|raw|RATE",
+                   help="weights: the first EMA (default), raw, or the EMA of a rate in train.ema_rates, e.g. 0.9999")
     s.add_argument("--device", default="auto")
     s.add_argument("--format", default="grid", help="grid (PNG), npz (guided-diffusion arr_0/arr_1) or png-dir")
     s.add_argument("--out", default=None, help="output path (default samples.png / samples.npz / samples/)")
+    s.add_argument("--trajectory", default=None, metavar="PATH.gif|PATH.png",
+                   help="also write the denoising trajectory: an animated GIF, or a strip PNG (one row per sample)")
+    s.add_argument("--trajectory-frames", type=int, default=20, help="frames in the trajectory (default 20)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_sample)
 
     r = sub.add_parser("recipes", help="list the shipped recipes")
     r.set_defaults(func=cmd_recipes)
+
+    _add_data_commands(sub)
+    _add_eval_command(sub)
     return p
 
 

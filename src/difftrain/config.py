@@ -44,22 +44,43 @@ class ModelConfig:
     in_channels: int | None = None
     image_size: int | None = None
     num_classes: int | None = None
+    out_channels: int | None = None  # null: in_channels, or 2 x in_channels with diffusion.learn_sigma
+    # DiT (model.name=dit; the presets dit_s_2 ... dit_xl_8, dit_tiny_2 fix depth, hidden_size,
+    # num_heads and patch_size): a transformer over patch_size x patch_size patches.
+    hidden_size: int = 256
+    depth: int = 3
+    patch_size: int = 2
+    mlp_ratio: float = 4.0
+    class_embed: str = "token"  # token (one extra sequence token) | adaln (added to the timestep embedding)
+    pos_embed: str = "rope"  # rope (2D axial rotary, FLUX-like) | sincos (fixed 2D sin-cos, DiT)
+    qk_norm: bool = False  # RMSNorm on queries and keys per head
 
 
 @dataclass
 class DiffusionConfig:
-    process: str = "ddpm"
-    timesteps: int = 1000
+    process: str = "ddpm"  # ddpm | flow
+    timesteps: int = 1000  # flow: the model sees t = sigma * timesteps (diffusers' num_train_timesteps)
     schedule: str = "linear"  # linear | sqrt_linear | cosine
     beta_start: float = 1e-4
     beta_end: float = 0.02
     prediction: str = "eps"  # eps | x0 | v
+    # improved DDPM / guided-diffusion: the model also outputs the variance interpolation (2 x channels),
+    # trained by L_simple + vlb_weight * timesteps * L_vlb (mean under stop-gradient).
+    learn_sigma: bool = False
+    vlb_weight: float = 0.001
+    # flow (rectified flow, SD3 report): how training draws sigma, the SD3 shift, loss weighting.
+    timestep_sampling: str = "logit_normal"  # logit_normal | uniform | mode
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    shift: float = 1.0  # sigma -> shift * sigma / (1 + (shift - 1) * sigma), in training and sampling
+    loss_weighting: str = "none"  # none | sigma_sqrt | cosmap
 
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # digits | folder
-    path: str | None = None  # image folder for `folder`
+    name: str = "digits"  # digits | folder | mnist | fashion_mnist | cifar10 | cifar100 | celebahq | fonts | shards
+    path: str | None = None  # folder / file / shard source of the data set (see README "Data")
     image_size: int = 8
     channels: int | None = None  # null: the data set's own (1 for digits, 3 for folders)
     test_fraction: float = 0.3
@@ -67,29 +88,52 @@ class DataConfig:
     random_flip: bool = False
     class_from: str = "auto"  # auto | dir | prefix | none (folder data sets)
     strict: bool = False  # folder: fail on the first unreadable image instead of skipping
+    test_path: str | None = None  # shards: validation shards (read into memory); other sources split their own
+    num_workers: int = 0  # shards: worker processes decoding shards ahead of use (0: in the training process)
+    prefetch: int = 2  # shards: shards each worker decodes ahead
+    download: bool = False  # mnist / fashion_mnist / cifar10 / cifar100: fetch the files into data.path when missing
+    black_white: int = 0  # add this many all-black and as many all-white images (null class) to the training split
+    # unit_variance: training images (in [-1, 1]) become (x - mean) / std; sampling inverts it.
+    # mean and std are filled from the training split when null and stored with the run.
+    normalize: str = "none"  # none | unit_variance
+    mean: float | None = None
+    std: float | None = None
 
 
 @dataclass
 class TrainConfig:
     steps: int = 1000
     batch_size: int = 128
+    microbatch: int = 0  # > 0: split each batch into micro-batches of this size, accumulating gradients
     lr: float = 2e-3
+    scale_lr: bool = False  # LDM: lr = lr x batch_size x world size (the batch includes its micro-batches)
     seed: int = 0
     warmup_steps: int = 100
-    lr_schedule: str = "constant"  # constant | cosine
+    lr_schedule: str = "constant"  # constant | linear | cosine | onecycle
+    lr_anneal_steps: int = 0  # linear / cosine reach 0 here (0: at train.steps)
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
-    ema_rate: float = 0.999
+    ema_rates: list[float] = field(default_factory=lambda: [0.999])  # one EMA per rate; the first is the default
+    ema_rate: float | None = None  # deprecated single rate: same as ema_rates=[ema_rate]
     ema_warmup: bool = True  # decay min(rate, (1 + n) / (10 + n)) as in LDM
+    ema_start: int = 0  # before this step the EMAs copy the weights (conditional-DDPM reference: 2000)
+    timestep_sampler: str = "uniform"  # uniform | loss-second-moment (guided-diffusion's schedule_sampler)
     label_dropout: float = 0.1  # fraction of labels replaced by the null class
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (CUDA only; fp16 uses a dynamic loss scaler)
+    compile: bool = False  # torch.compile the model for training
+    channels_last: bool = False  # channels-last memory format (convolutional models)
+    max_nonfinite: int = 10  # stop after this many non-finite losses in a row
     log_every: int = 25
+    val_every: int = 0  # validation loss on the held-out split every N steps; 0 disables
     checkpoint_every: int = 500
+    milestone_every: int = 0  # checkpoints at multiples of this are never pruned; 0: none
     sample_every: int = 500  # 0 disables grids during training (the final grid is always written)
     keep_checkpoints: int = 3
     resume: str = "auto"  # auto | none | path to a checkpoint
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     tensorboard: bool = True
+    wandb: str = "none"  # none | online | offline (Weights & Biases; needs the wandb package)
     progress: bool = True
 
 
@@ -97,10 +141,13 @@ class TrainConfig:
 class SampleConfig:
     """Defaults for sample grids written during training and by `difftrain sample`."""
 
-    sampler: str = "ddim"  # ddim | ddpm
+    sampler: str = "ddim"  # ddpm | ddim | euler | heun | dpmpp-2m | dpmpp-2m-sde (process ddpm); euler | heun (process flow)
     steps: int = 50
-    spacing: str = "trailing"  # leading | trailing | linspace (ddim)
+    spacing: str = "trailing"  # leading | trailing | linspace | karras (Karras et al. 2022 sigmas, rho 7)
+    respacing: str = ""  # guided-diffusion's timestep_respacing ("250", "ddim50", "10,15,20"); overrides steps/spacing
+    variance: str = "auto"  # ddpm: small | large | learned; auto = learned with diffusion.learn_sigma, else small
     guidance: float = 3.0  # classifier-free guidance scale; 1 = conditional only, 0 = unconditional
+    guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # guide only for t / T in [lo, hi]
     eta: float = 0.0
     clip_x0: bool = True
     batch_size: int = 250

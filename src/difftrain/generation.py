@@ -15,12 +15,14 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from difftrain.checkpoint import CheckpointError, atomic_write, load_checkpoint, load_model_state, newest_valid_checkpoint
+from difftrain.checkpoint import (
+    CheckpointError, atomic_write, load_checkpoint, load_model_state, newest_valid_checkpoint, select_weights,
+)
 from difftrain.config import Config, ConfigError, config_from_dict
 from difftrain.data.memory import to_uint8
 from difftrain.models import build_model
 from difftrain.processes import build_process
-from difftrain.samplers import PerSampleNoise, guided, run_sampler
+from difftrain.samplers import PerSampleNoise, guided, run_sampler, sampler_steps
 
 OUTPUT_FORMATS = ("grid", "npz", "png-dir")
 
@@ -46,7 +48,7 @@ def resolve_device(name: str) -> torch.device:
 def load_run(path: str | Path, *, weights: str = "ema", device: str | torch.device = "cpu") -> LoadedRun:
     """Model and config from a run directory (its newest valid checkpoint) or a checkpoint file.
 
-    `weights` is "ema" (the moving average, the default for sampling) or "raw".
+    `weights` is "ema" (the first EMA rate, the default for sampling), "raw", or an EMA rate ("0.9999").
     """
     path = Path(path)
     if path.is_dir():
@@ -58,12 +60,7 @@ def load_run(path: str | Path, *, weights: str = "ema", device: str | torch.devi
         source, state = path, load_checkpoint(path)
     cfg = config_from_dict(state["config"])
     model = build_model(cfg.model)
-    if weights == "ema":
-        load_model_state(model, state["ema"]["weights"], str(source))
-    elif weights == "raw":
-        load_model_state(model, state["model"], str(source))
-    else:
-        raise ConfigError(f"unknown weights '{weights}'; choose from ema, raw")
+    load_model_state(model, select_weights(state, weights, str(source)), str(source))
     model.to(resolve_device(str(device)) if isinstance(device, str) else device).eval()
     return LoadedRun(cfg, model, int(state["step"]), list(state.get("class_names", [])), source)
 
@@ -79,11 +76,20 @@ def cycled_labels(n: int, num_classes: int, classes: list[int] | None = None) ->
 @torch.no_grad()
 def generate(model: nn.Module, cfg: Config, n: int, *, labels: Tensor | None = None, seed: int = 0,
              sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
-             eta: float | None = None, batch_size: int | None = None, progress: bool = False) -> Tensor:
-    """n samples as uint8 (n, C, H, W); sample i depends only on (seed, i, label i), not on batching."""
+             eta: float | None = None, batch_size: int | None = None, progress: bool = False,
+             trajectory: list[Tensor] | None = None) -> Tensor:
+    """n samples as uint8 (n, C, H, W); sample i depends only on (seed, i, label i), not on batching.
+
+    Other sampling options (spacing, respacing, variance, guidance interval, clipping) come from
+    `cfg.sample`. `trajectory`: a list that receives the model's input x_t (n, C, H, W, uint8) at
+    every model call, the denoising trajectory, then the samples themselves.
+    """
     sc = cfg.sample
     sampler, steps = sampler or sc.sampler, steps or sc.steps
     guidance = sc.guidance if guidance is None else guidance
+    interval = tuple(sc.guidance_interval)
+    if len(interval) != 2 or not 0 <= interval[0] <= interval[1] <= 1:
+        raise ConfigError(f"sample.guidance_interval must be [lo, hi] with 0 <= lo <= hi <= 1, got {list(interval)}")
     eta = sc.eta if eta is None else eta
     batch_size = batch_size or sc.batch_size
     process = build_process(cfg.diffusion)
@@ -93,20 +99,47 @@ def generate(model: nn.Module, cfg: Config, n: int, *, labels: Tensor | None = N
     if labels is not None and num_classes and int(labels.max()) >= num_classes:
         raise ConfigError(f"class {int(labels.max())} out of range: the model has {num_classes} classes")
 
-    bar = tqdm(total=n, disable=not progress, desc=f"{sampler} sampling", unit="img", leave=False)
-    out = []
+    per_batch = sampler_steps(process, sampler, steps, sc.spacing, sc.respacing)
+    n_batches = -(-n // batch_size)
+    bar = tqdm(total=per_batch * n_batches, disable=not progress, unit="step", leave=False,
+               desc=f"{sampler} {per_batch} steps x {n_batches} batch{'es' if n_batches > 1 else ''}")
+    out, frames = [], []
     for start in range(0, n, batch_size):
         idx = range(start, min(start + batch_size, n))
         noise = PerSampleNoise(seed, idx)
         x = noise.randn_like(torch.empty(len(idx), *shape)).to(device)
         y = labels[start : start + len(idx)].to(device) if (labels is not None and num_classes) else None
-        model_fn = guided(model, y, guidance, num_classes if num_classes else None)
-        x = run_sampler(process, sampler, model_fn, x, steps=steps, spacing=sc.spacing, clip_x0=sc.clip_x0, eta=eta,
-                        noise=noise.randn_like)
-        out.append(to_uint8(x).cpu())
-        bar.update(len(idx))
+        model_fn = guided(model, y, guidance, num_classes if num_classes else None, interval=interval,
+                          timesteps=cfg.diffusion.timesteps,
+                          guided_channels=cfg.model.in_channels if cfg.diffusion.learn_sigma else None)
+        if trajectory is not None:
+            model_fn = _recording(model_fn, batch_frames := [], cfg)
+            frames.append(batch_frames)
+        x = run_sampler(process, sampler, model_fn, x, steps=steps, spacing=sc.spacing, respacing=sc.respacing,
+                        clip_x0=sc.clip_x0, eta=eta, variance=sc.variance, noise=noise.randn_like, progress=bar.update)
+        out.append(to_uint8(_to_data_range(x, cfg)).cpu())
     bar.close()
-    return torch.cat(out)
+    images = torch.cat(out)
+    if trajectory is not None:
+        trajectory.extend(torch.cat(step) for step in zip(*frames))
+        trajectory.append(images)
+    return images
+
+
+def _to_data_range(x: Tensor, cfg: Config) -> Tensor:
+    if cfg.data.normalize != "none":  # back from unit variance to [-1, 1] (see data.normalize)
+        return x * cfg.data.std + cfg.data.mean
+    return x
+
+
+def _recording(model_fn, frames: list[Tensor], cfg: Config):
+    """model_fn that also keeps its input x_t as uint8 images."""
+
+    def fn(x: Tensor, t: Tensor) -> Tensor:
+        frames.append(to_uint8(_to_data_range(x, cfg)).cpu())
+        return model_fn(x, t)
+
+    return fn
 
 
 # --- writing samples ------------------------------------------------------------------
@@ -117,8 +150,8 @@ def grid_order(labels: Tensor | None, n: int) -> tuple[Tensor, int]:
         return torch.arange(n), max(1, int(math.ceil(math.sqrt(n))))
     counts = torch.bincount(labels)
     present = counts[counts > 0]
-    if bool((present == present[0]).all()):
-        return torch.argsort(labels, stable=True), int(present[0])
+    if bool((present == present[0]).all()):  # one sample per class: a single row
+        return torch.argsort(labels, stable=True), int(present[0]) if present[0] > 1 else len(present)
     return torch.arange(n), max(1, int(math.ceil(math.sqrt(n))))
 
 
@@ -164,6 +197,43 @@ def write_png_dir(images: Tensor, labels: Tensor | None, folder: Path, class_nam
             file = folder / f"{i:06d}.png"
         Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(file)
     return folder
+
+
+TRAJECTORY_FORMATS = ("gif", "strip")
+
+
+def write_trajectory(frames: list[Tensor], labels: Tensor | None, path: Path, *, fmt: str = "gif",
+                     max_frames: int = 20, duration_ms: int = 80) -> Path:
+    """The denoising trajectory (from `generate(..., trajectory=frames)`): an animated GIF of grids,
+    or a strip PNG with one row per sample and `max_frames` columns from noise to the sample."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    if fmt not in TRAJECTORY_FORMATS:
+        raise ConfigError(f"unknown trajectory format '{fmt}'; choose from {', '.join(TRAJECTORY_FORMATS)}")
+    k = min(max_frames, len(frames))
+    keep = sorted({round(i * (len(frames) - 1) / max(k - 1, 1)) for i in range(k)})
+    chosen = [frames[i] for i in keep]
+    scale = max(1, 32 // chosen[0].shape[-1])
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def to_pil(grid: Tensor) -> "Image.Image":
+        if scale > 1:
+            grid = grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+        arr = grid.permute(1, 2, 0).numpy()
+        return Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+
+    if fmt == "strip":
+        tiles = torch.stack(chosen, dim=1).flatten(0, 1)  # (n * frames, C, H, W), row i = sample i over time
+        img = to_pil(make_grid(tiles, nrow=len(chosen), padding=1, pad_value=128))
+        atomic_write(path, lambda f: img.save(f, format="PNG"))
+        return path
+    order, nrow = grid_order(labels, len(chosen[0]))
+    pics = [to_pil(make_grid(frame[order], nrow=nrow, padding=1, pad_value=128)) for frame in chosen]
+    pics += [pics[-1]] * 5  # hold the final samples
+    atomic_write(path, lambda f: pics[0].save(f, format="GIF", save_all=True, append_images=pics[1:],
+                                             duration=duration_ms, loop=0))
+    return path
 
 
 def write_samples(images: Tensor, labels: Tensor | None, out: Path, fmt: str, class_names: list[str] | None = None) -> Path:

@@ -1,11 +1,17 @@
-"""Data sources. Each loader returns `Splits` of uint8 image tensors; `BatchStream` batches them."""
+"""Data sources. Each loader returns `Splits` of uint8 image tensors (or a streamed ShardSet for training);
+`BatchStream` batches them. `DATASETS` maps data.name to loaders; see README "Data" for each source."""
 
 from __future__ import annotations
 
 from difftrain.config import DataConfig
 from difftrain.data.digits import load_digits_splits
 from difftrain.data.folder import DataError, load_folder_splits
+from difftrain.data.mnist import load_mnist_splits
+from difftrain.data.normalize import apply_extras
 from difftrain.data.memory import BatchStream, ImageSet, Splits, to_model_range, to_uint8
+from difftrain.data.cifar import load_cifar_splits
+from difftrain.data.fonts import load_fonts_splits
+from difftrain.data.shards import load_shard_set, load_shards_in_memory
 from difftrain.registry import Registry
 
 DATASETS: Registry = Registry("data set")
@@ -24,8 +30,56 @@ def _folder(cfg: DataConfig) -> Splits:
                               test_fraction=cfg.test_fraction, split_seed=cfg.split_seed, strict=cfg.strict)
 
 
+@DATASETS.register("mnist")
+def _mnist(cfg: DataConfig) -> Splits:
+    return load_mnist_splits("mnist", cfg.path, image_size=cfg.image_size, download=cfg.download)
+
+
+@DATASETS.register("fashion_mnist")
+def _fashion_mnist(cfg: DataConfig) -> Splits:
+    return load_mnist_splits("fashion_mnist", cfg.path, image_size=cfg.image_size, download=cfg.download)
+
+
+@DATASETS.register("cifar10")
+def _cifar10(cfg: DataConfig) -> Splits:
+    return load_cifar_splits("cifar10", cfg.path, cfg.image_size, cfg.channels, download=cfg.download)
+
+
+@DATASETS.register("cifar100")
+def _cifar100(cfg: DataConfig) -> Splits:
+    return load_cifar_splits("cifar100", cfg.path, cfg.image_size, cfg.channels, download=cfg.download)
+
+
+@DATASETS.register("celebahq")
+def _celebahq(cfg: DataConfig) -> Splits:
+    """CelebA-HQ as an image folder (e.g. the 30k PNGs/JPGs at 256 or 1024 px), unlabelled."""
+    return load_folder_splits(cfg.path, cfg.image_size, cfg.channels, class_from="none",
+                              test_fraction=cfg.test_fraction, split_seed=cfg.split_seed, strict=cfg.strict)
+
+
+@DATASETS.register("fonts")
+def _fonts(cfg: DataConfig) -> Splits:
+    if cfg.channels not in (None, 1):
+        raise DataError(f"fonts are black and white: data.channels must be 1 or null, got {cfg.channels}")
+    return load_fonts_splits(cfg.path, cfg.image_size, cfg.test_fraction, cfg.split_seed)
+
+
+@DATASETS.register("shards")
+def _shards(cfg: DataConfig) -> Splits:
+    """Streamed tar shards (data.path); the validation split (data.test_path, optional) is read into memory."""
+    train = load_shard_set(cfg.path, cfg.image_size, cfg.channels, num_workers=cfg.num_workers, prefetch=cfg.prefetch)
+    test = load_shards_in_memory(cfg.test_path, cfg.image_size, cfg.channels, train.class_names) if cfg.test_path else None
+    return Splits(train, test, train.skipped)
+
+
 def load_data(cfg: DataConfig) -> Splits:
-    return DATASETS[cfg.name](cfg)
+    """The data set; with data.black_white / data.normalize, the training split is extended / normalised
+    and data.mean and data.std are filled in `cfg` (stored with the run, inverted at sampling)."""
+    splits = DATASETS[cfg.name](cfg)
+    if cfg.black_white or cfg.normalize != "none":
+        splits, cfg.mean, cfg.std = apply_extras(splits, black_white=cfg.black_white, normalize=cfg.normalize,
+                                                 mean=cfg.mean, std=cfg.std)
+    return splits
 
 
 __all__ = ["DATASETS", "BatchStream", "DataError", "ImageSet", "Splits", "load_data", "to_model_range", "to_uint8"]

@@ -29,20 +29,31 @@ class ImageSet:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[-1]
+
 
 @dataclass
 class Splits:
+    """train is an ImageSet in memory, or a streaming set (data.shards.ShardSet) with the same
+    class_names / channels / image_size / len; test (for validation) is always in memory."""
+
     train: ImageSet
     test: ImageSet | None
     skipped: list[str] = field(default_factory=list)  # unreadable files left out
 
     @property
     def channels(self) -> int:
-        return self.train.images.shape[1]
+        return self.train.channels
 
     @property
     def image_size(self) -> int:
-        return self.train.images.shape[-1]
+        return self.train.image_size
 
     @property
     def num_classes(self) -> int:
@@ -66,7 +77,16 @@ class BatchStream:
     position (epoch, offset) alone restores the data order on resume. Batches that would
     cross an epoch end are completed from the next epoch. Random horizontal flips are drawn
     per batch from the same generator.
+
+    Given a streaming set (anything with `make_stream`, e.g. tar shards), construction returns
+    that set's own stream, which has the same `next()` / `state_dict()` / `load_state_dict()`,
+    so the training loop builds `BatchStream(splits.train, ...)` for either kind of data.
     """
+
+    def __new__(cls, data, *args, **kwargs):
+        if cls is BatchStream and hasattr(data, "make_stream"):
+            return data.make_stream(*args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(self, data: ImageSet, batch_size: int, *, seed: int = 0, random_flip: bool = False,
                  device: torch.device | str = "cpu"):

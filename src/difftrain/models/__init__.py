@@ -5,6 +5,9 @@ from __future__ import annotations
 from torch import nn
 
 from difftrain.config import ConfigError, ModelConfig
+from difftrain.models.ddpm_unet import PRESETS as DDPM_UNET_PRESETS
+from difftrain.models.ddpm_unet import DDPMUNet
+from difftrain.models.dit import DIT_PRESETS, DiT
 from difftrain.models.unet import UNet
 from difftrain.registry import Registry
 
@@ -19,8 +22,36 @@ def adm_unet(cfg: ModelConfig) -> nn.Module:
         attention_resolutions=tuple(cfg.attention_resolutions), num_heads=cfg.num_heads,
         num_head_channels=cfg.num_head_channels, dropout=cfg.dropout,
         use_scale_shift_norm=cfg.use_scale_shift_norm, resblock_updown=cfg.resblock_updown,
-        num_classes=cfg.num_classes or 0, norm_groups=cfg.norm_groups,
+        num_classes=cfg.num_classes or 0, norm_groups=cfg.norm_groups, out_channels=cfg.out_channels,
     )
+
+
+def _dit_options(cfg: ModelConfig) -> dict:
+    return dict(image_size=cfg.image_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels, mlp_ratio=cfg.mlp_ratio,
+                num_classes=cfg.num_classes or 0, class_embed=cfg.class_embed, pos_embed=cfg.pos_embed, qk_norm=cfg.qk_norm)
+
+
+@MODELS.register("dit")
+def dit(cfg: ModelConfig) -> nn.Module:
+    return DiT(hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads, patch_size=cfg.patch_size,
+               **_dit_options(cfg))
+
+
+# DiT size presets: depth, hidden_size, num_heads and patch_size come from the preset.
+for _name, _factory in DIT_PRESETS.items():
+    MODELS.register(_name)(lambda cfg, f=_factory: f(**_dit_options(cfg)))
+
+
+def _ddpm_unet(cfg: ModelConfig, **preset) -> nn.Module:
+    widths = dict(model_channels=cfg.model_channels, channel_mult=tuple(cfg.channel_mult), num_heads=cfg.num_heads)
+    return DDPMUNet(image_size=cfg.image_size, in_channels=cfg.in_channels, num_classes=cfg.num_classes or 0,
+                    out_channels=getattr(cfg, "out_channels", None), **{**widths, **preset})
+
+
+# The conditional-DDPM reference UNet: `ddpm_unet` takes its widths from the config, presets fix them.
+MODELS.register("ddpm_unet")(_ddpm_unet)
+for _name, _preset in DDPM_UNET_PRESETS.items():
+    MODELS.register(_name)(lambda cfg, p=_preset: _ddpm_unet(cfg, **p))
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -36,4 +67,4 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         raise ConfigError(f"model: {e}") from None
 
 
-__all__ = ["MODELS", "UNet", "build_model"]
+__all__ = ["MODELS", "DDPMUNet", "DiT", "UNet", "build_model"]

@@ -7,6 +7,7 @@ training calls its `sample_t` and `loss`, sampling its `denoiser`.
 from __future__ import annotations
 
 from difftrain.config import DiffusionConfig
+from difftrain.processes.flow import FlowMatching, flow_sigmas, sample_sigma, shift_sigma
 from difftrain.processes.gaussian import (
     PREDICTIONS,
     SCHEDULES,
@@ -26,7 +27,14 @@ PROCESSES: Registry = Registry("process")
 
 @PROCESSES.register("ddpm")
 def _ddpm(cfg: DiffusionConfig) -> GaussianDiffusion:
-    return GaussianDiffusion(Schedule.make(cfg.schedule, cfg.timesteps, cfg.beta_start, cfg.beta_end), cfg.prediction)
+    return GaussianDiffusion(Schedule.make(cfg.schedule, cfg.timesteps, cfg.beta_start, cfg.beta_end), cfg.prediction,
+                             learn_sigma=cfg.learn_sigma, vlb_weight=cfg.vlb_weight)
+
+
+@PROCESSES.register("flow")
+def _flow(cfg: DiffusionConfig) -> FlowMatching:
+    return FlowMatching(cfg.timesteps, cfg.timestep_sampling, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
+                        mode_scale=cfg.mode_scale, shift=cfg.shift, weighting=cfg.loss_weighting)
 
 
 def build_process(cfg: DiffusionConfig):
@@ -34,6 +42,6 @@ def build_process(cfg: DiffusionConfig):
 
 
 __all__ = [
-    "PREDICTIONS", "PROCESSES", "SCHEDULES", "GaussianDiffusion", "Schedule", "build_process", "make_betas",
+    "PREDICTIONS", "PROCESSES", "SCHEDULES", "FlowMatching", "GaussianDiffusion", "flow_sigmas", "sample_sigma", "shift_sigma", "Schedule", "build_process", "make_betas",
     "make_denoiser", "q_sample", "training_loss", "training_target", "x0_eps_from_output",
 ]

@@ -57,6 +57,40 @@ class Schedule:
     def timesteps(self) -> int:
         return len(self.betas)
 
+    @property
+    def sigmas(self) -> Tensor:
+        """VE noise levels sigma_t = sqrt((1 - alpha_bar) / alpha_bar), x_t / sqrt(alpha_bar) = x_0 + sigma_t eps."""
+        return ((1 - self.alpha_bar) / self.alpha_bar).sqrt()
+
+    def sigma_at(self, t: float) -> float:
+        """sigma at a model timestep; fractional t interpolates log sigma linearly (diffusers' `_sigma_to_t` inverted)."""
+        log_sigmas = self.sigmas.log()
+        t = min(max(float(t), 0.0), self.timesteps - 1.0)
+        lo = min(int(math.floor(t)), self.timesteps - 2)
+        w = t - lo
+        return math.exp((1 - w) * float(log_sigmas[lo]) + w * float(log_sigmas[lo + 1]))
+
+    def t_at(self, sigma: float) -> float:
+        """The (fractional) model timestep of a noise level: diffusers' `_sigma_to_t`, in float64."""
+        log_sigmas = self.sigmas.log()
+        ls = math.log(sigma)
+        hi = int(torch.searchsorted(log_sigmas, torch.tensor(ls, dtype=torch.float64)).clamp(1, self.timesteps - 1))
+        lo = hi - 1
+        w = (ls - float(log_sigmas[lo])) / (float(log_sigmas[hi]) - float(log_sigmas[lo]))
+        w = min(max(w, 0.0), 1.0)
+        return (1 - w) * lo + w * hi
+
+    def alpha_bar_at(self, t: Tensor, like: Tensor) -> Tensor:
+        """alpha_bar at timesteps t (B,) shaped to broadcast over `like`; float t may be fractional."""
+        if not t.is_floating_point() or bool((t == t.round()).all()):
+            return gather(self.alpha_bar, t.round().long() if t.is_floating_point() else t, like)
+        log_sigmas = self.sigmas.log()
+        tt = t.detach().double().cpu().clamp(0, self.timesteps - 1)
+        lo = tt.floor().long().clamp(max=self.timesteps - 2)
+        w = tt - lo
+        sigma2 = torch.exp(2 * ((1 - w) * log_sigmas[lo] + w * log_sigmas[lo + 1]))
+        return (1 / (1 + sigma2)).to(like.device, like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
 
 def gather(values: Tensor, t: Tensor, like: Tensor) -> Tensor:
     """values[t] shaped to broadcast over `like` (B, 1, 1, ...), in its dtype and device."""
@@ -82,8 +116,8 @@ def training_target(prediction: str, s: Schedule, x0: Tensor, t: Tensor, noise: 
 
 
 def x0_eps_from_output(prediction: str, s: Schedule, x_t: Tensor, t: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
-    """Turn a model output of type `prediction` into (x0_pred, eps_pred)."""
-    a = gather(s.alpha_bar, t, x_t)
+    """Turn a model output of type `prediction` into (x0_pred, eps_pred); t may be fractional."""
+    a = s.alpha_bar_at(t, x_t)
     if prediction == "eps":
         return (x_t - (1 - a).sqrt() * out) / a.sqrt(), out
     if prediction == "x0":
@@ -94,7 +128,7 @@ def x0_eps_from_output(prediction: str, s: Schedule, x_t: Tensor, t: Tensor, out
 
 
 def eps_from_x0(s: Schedule, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
-    a = gather(s.alpha_bar, t, x_t)
+    a = s.alpha_bar_at(t, x_t)
     return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
 
 
@@ -104,21 +138,113 @@ def training_loss(model: ModelFn, s: Schedule, x0: Tensor, t: Tensor, noise: Ten
     return (out.float() - training_target(prediction, s, x0, t, noise).float()).pow(2).flatten(1).mean(1)
 
 
-def make_denoiser(model: ModelFn, s: Schedule, prediction: str = "eps", clip_x0: bool = False) -> Denoiser:
+def make_denoiser(model: ModelFn, s: Schedule, prediction: str = "eps", clip_x0: bool = False,
+                  learn_sigma: bool = False) -> Denoiser:
     """Wrap a model into `denoise(x_t, t) -> (x0_pred, eps_pred)` for the samplers.
 
     With `clip_x0`, x0_pred is clamped to the data range [-1, 1] and eps recomputed from it
-    (guided-diffusion's `clip_denoised`).
+    (guided-diffusion's `clip_denoised`). With `learn_sigma` the model outputs 2C channels and
+    the denoiser returns a third element, the variance interpolation v in [-1, 1] (see
+    `learned_log_variance`); samplers that do not use it read the first two.
     """
 
-    def denoise(x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        x0, eps = x0_eps_from_output(prediction, s, x_t, t, model(x_t, t).float())
+    def denoise(x_t: Tensor, t: Tensor):
+        out = model(x_t, t).float()
+        if learn_sigma:
+            out, v = out.chunk(2, dim=1)
+        x0, eps = x0_eps_from_output(prediction, s, x_t, t, out)
         if clip_x0:
             x0 = x0.clamp(-1, 1)
             eps = eps_from_x0(s, x_t, t, x0)
-        return x0, eps
+        return (x0, eps, v) if learn_sigma else (x0, eps)
 
     return denoise
+
+
+# --- learned variance and the variational bound (Nichol & Dhariwal 2021) -----------------------
+
+def posterior_mean_log_variance(s: Schedule, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """q(x_{t-1} | x_t, x_0): mean (Ho et al. 2020, eq. 7) and log variance, clipped at t = 0
+    to the variance of t = 1 as in guided-diffusion (the true one is 0)."""
+    a, a_prev = s.alpha_bar, torch.cat([s.alpha_bar.new_ones(1), s.alpha_bar[:-1]])
+    var = s.betas * (1 - a_prev) / (1 - a)
+    log_var = torch.log(torch.cat([var[1:2], var[1:]]))
+    c0 = s.betas * a_prev.sqrt() / (1 - a)
+    ct = (1 - a_prev) * (1 - s.betas).sqrt() / (1 - a)
+    mean = gather(c0, t, x_t) * x0 + gather(ct, t, x_t) * x_t
+    return mean, gather(log_var, t, x_t)
+
+
+def learned_log_variance(beta: Tensor, log_posterior_var: Tensor, v: Tensor) -> Tensor:
+    """Improved DDPM eq. 15: log Sigma = frac log beta + (1 - frac) log beta~, frac = (v + 1) / 2."""
+    frac = (v + 1) / 2
+    return frac * torch.log(beta) + (1 - frac) * log_posterior_var
+
+
+def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def _approx_std_normal_cdf(x: Tensor) -> Tensor:
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
+    """log p(x) of 8-bit data in [-1, 1] under a Gaussian discretised to bins of width 2/255
+    (Ho et al. 2020, eq. 13; guided-diffusion's approximation of the normal CDF), in nats."""
+    centered, inv_std = x - mean, torch.exp(-log_scale)
+    cdf_plus = _approx_std_normal_cdf(inv_std * (centered + 1.0 / 255.0))
+    cdf_min = _approx_std_normal_cdf(inv_std * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+def vlb_terms(s: Schedule, x0: Tensor, x_t: Tensor, t: Tensor, x0_pred: Tensor, log_var: Tensor) -> Tensor:
+    """The variational bound term L_t per sample in bits/dim, (B,): KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t))
+    for t > 0, the discretised decoder NLL -log p(x_0|x_1) at t = 0 (guided-diffusion's `_vb_terms_bpd`)."""
+    true_mean, true_log_var = posterior_mean_log_variance(s, x0, x_t, t)
+    mean, _ = posterior_mean_log_variance(s, x0_pred, x_t, t)
+    kl = normal_kl(true_mean, true_log_var, mean, log_var).flatten(1).mean(1) / math.log(2.0)
+    nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var).flatten(1).mean(1) / math.log(2.0)
+    return torch.where(t == 0, nll, kl)
+
+
+def model_log_variance(s: Schedule, t: Tensor, like: Tensor, v: Tensor | None = None) -> Tensor:
+    """log Sigma_theta: learned from v (learn_sigma) or the fixed small (clipped posterior) variance."""
+    _, log_post = posterior_mean_log_variance(s, like, like, t)
+    if v is None:
+        return log_post.expand_as(like)
+    return learned_log_variance(gather(s.betas, t, like), log_post, v)
+
+
+def prior_bpd(s: Schedule, x0: Tensor) -> Tensor:
+    """KL(q(x_T | x_0) || N(0, I)) per sample in bits/dim: the prior term of the bound."""
+    a = float(s.alpha_bar[-1])
+    kl = normal_kl(a**0.5 * x0, torch.full_like(x0, math.log(1 - a)), torch.zeros_like(x0), torch.zeros_like(x0))
+    return kl.flatten(1).mean(1) / math.log(2.0)
+
+
+def hybrid_loss(model: ModelFn, s: Schedule, x0: Tensor, t: Tensor, noise: Tensor, prediction: str = "eps",
+                vlb_weight: float = 0.001) -> Tensor:
+    """L_simple + lambda T L_vlb per sample (Nichol & Dhariwal 2021, section 3.1), shape (B,).
+
+    The model outputs 2C channels: the prediction and the variance interpolation v. L_vlb sees
+    the mean through a stop-gradient, so it trains only the variance. lambda T = 1 for the
+    default lambda = 0.001 and T = 1000: guided-diffusion's loss with `learn_sigma`.
+    """
+    x_t = q_sample(s, x0, t, noise)
+    raw = model(x_t, t).float()
+    if raw.shape[1] != 2 * x0.shape[1]:
+        raise ConfigError(f"diffusion.learn_sigma needs a model with 2 x {x0.shape[1]} output channels "
+                          f"(model.out_channels={2 * x0.shape[1]}), got {raw.shape[1]}")
+    out, v = raw.chunk(2, dim=1)
+    mse = (out - training_target(prediction, s, x0, t, noise).float()).pow(2).flatten(1).mean(1)
+    x0_pred, _ = x0_eps_from_output(prediction, s, x_t, t, out.detach())
+    vb = vlb_terms(s, x0, x_t, t, x0_pred, model_log_variance(s, t, x0, v))
+    return mse + vlb_weight * s.timesteps * vb
 
 
 class GaussianDiffusion:
@@ -131,10 +257,11 @@ class GaussianDiffusion:
     name = "ddpm"
     discrete = True  # integer timesteps 0..T-1
 
-    def __init__(self, schedule: Schedule, prediction: str = "eps"):
+    def __init__(self, schedule: Schedule, prediction: str = "eps", *, learn_sigma: bool = False, vlb_weight: float = 0.001):
         if prediction not in PREDICTIONS:
             raise ConfigError(f"unknown prediction '{prediction}'; choose from {', '.join(PREDICTIONS)}")
         self.schedule, self.prediction = schedule, prediction
+        self.learn_sigma, self.vlb_weight = learn_sigma, vlb_weight
 
     @property
     def timesteps(self) -> int:
@@ -145,8 +272,11 @@ class GaussianDiffusion:
         return torch.randint(0, self.timesteps, (n,), device=device)
 
     def loss(self, model: ModelFn, x0: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:
-        """Per-sample loss (B,)."""
-        return training_loss(model, self.schedule, x0, t, torch.randn_like(x0) if noise is None else noise, self.prediction)
+        """Per-sample loss (B,): L_simple, or the hybrid loss with learned variance."""
+        noise = torch.randn_like(x0) if noise is None else noise
+        if self.learn_sigma:
+            return hybrid_loss(model, self.schedule, x0, t, noise, self.prediction, self.vlb_weight)
+        return training_loss(model, self.schedule, x0, t, noise, self.prediction)
 
     def denoiser(self, model: ModelFn, clip_x0: bool = False) -> Denoiser:
-        return make_denoiser(model, self.schedule, self.prediction, clip_x0)
+        return make_denoiser(model, self.schedule, self.prediction, clip_x0, self.learn_sigma)

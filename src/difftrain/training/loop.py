@@ -2,101 +2,47 @@
 
 Run directory layout (see docs/architecture.md):
     config.yaml                   resolved config
-    checkpoints/step-NNNNNNN.pt   config, model, EMA, optimizer, step, data position, RNG
+    checkpoints/step-NNNNNNN.pt   everything needed to resume exactly (see `Trainer.state_dict`)
     weights.safetensors           final raw weights
-    weights-ema.safetensors       final EMA weights
+    weights-ema.safetensors       final weights of the first EMA rate (weights-ema-RATE.safetensors: the others)
     metrics.jsonl                 one JSON object per log line
-    samples/                      grids during training and final.png
+    samples/                      EMA and raw grids during training, final.png and final-raw.png
     tensorboard/                  TensorBoard event files
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-import random
 import sys
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from difftrain.checkpoint import (
     CheckpointError, atomic_write, checkpoint_name, export_safetensors, list_checkpoints, load_checkpoint,
-    load_model_state, newest_valid_checkpoint, prune_checkpoints, save_checkpoint,
+    load_model_state, newest_valid_checkpoint, prune_checkpoints, remove_stale_temp_files, save_checkpoint,
 )
 from difftrain.config import Config, ConfigError
-from difftrain.data import BatchStream, Splits, load_data
+from difftrain.data import BatchStream, load_data
+from difftrain.data.memory import to_model_range
 from difftrain.generation import cycled_labels, generate, resolve_device, write_grid
 from difftrain.models import build_model
 from difftrain.processes import build_process
-from difftrain.training.ema import EMA
-from difftrain.training.metrics import MetricsLog
+from difftrain.training.ema import EMA, ema_label
+from difftrain.training.metrics import LossWindow, MetricsLog
+from difftrain.training.options import PRECISIONS, check_train_config, resolve_config
+from difftrain.training.schedules import base_lr, lr_at
+from difftrain.training.state import StopSignals, rng_state, seed_everything, set_rng_state
+from difftrain.training.timesteps import build_timestep_sampler
+
+VAL_MAX_IMAGES = 1024  # validation loss uses at most this many held-out images, with fixed t and noise
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss stays non-finite); the message names the step."""
-
-
-MAX_NONFINITE_IN_A_ROW = 10
-
-
-def resolve_config(cfg: Config, data: Splits) -> Config:
-    """Fill the model keys that come from the data set (channels, size, class count)."""
-    m = cfg.model
-    for key, value in (("in_channels", data.channels), ("image_size", data.image_size), ("num_classes", data.num_classes)):
-        if getattr(m, key) is None:
-            setattr(m, key, value)
-        elif getattr(m, key) != value and key != "num_classes":
-            raise ConfigError(f"model.{key}={getattr(m, key)} but the data set gives {value}; leave model.{key} unset")
-    if m.num_classes and data.num_classes and m.num_classes < data.num_classes:
-        raise ConfigError(f"model.num_classes={m.num_classes} but the data set has {data.num_classes} classes")
-    return cfg
-
-
-def lr_at(step: int, cfg: Config) -> float:
-    """Linear warm-up to train.lr, then constant or cosine decay to 0 at train.steps."""
-    t = cfg.train
-    if t.warmup_steps and step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    if t.lr_schedule == "constant":
-        return t.lr
-    if t.lr_schedule == "cosine":
-        progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
-        return t.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    raise ConfigError(f"unknown train.lr_schedule '{t.lr_schedule}'; choose from constant, cosine")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(_as_tuple(state["python"]))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuple(x):
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 class Trainer:
@@ -105,49 +51,82 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         t = cfg.train
-        for key in ("steps", "batch_size", "log_every"):
-            if getattr(t, key) <= 0:
-                raise ConfigError(f"train.{key} must be positive, got {getattr(t, key)}")
-        if not 0 <= t.label_dropout < 1:
-            raise ConfigError(f"train.label_dropout must lie in [0, 1), got {t.label_dropout}")
         self.device = resolve_device(t.device)
+        check_train_config(cfg, self.device)
         seed_everything(t.seed)
         self.data = load_data(cfg.data)
         resolve_config(cfg, self.data)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.process = build_process(cfg.diffusion)  # validates the diffusion keys before any file is written
+        self.timesteps = build_timestep_sampler(t.timestep_sampler, self.process, self.device)
         self.model = build_model(cfg.model).to(self.device)
-        self.ema = EMA(self.model, t.ema_rate, t.ema_warmup)
+        self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
+        self.model.to(memory_format=self.memory_format)
+        self.emas = [EMA(self.model, rate, t.ema_warmup, t.ema_start) for rate in t.ema_rates]
+        self.ema = self.emas[0]  # the default for sampling
         # The fused AdamW kernel (CPU and CUDA) is about 10% faster per step here than foreach.
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
-                                     fused=self.device.type in ("cpu", "cuda"))
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=base_lr(cfg), betas=tuple(t.betas),
+                                     weight_decay=t.weight_decay, fused=self.device.type in ("cpu", "cuda"))
+        self.amp_dtype = PRECISIONS[t.precision]
+        self.scaler = torch.amp.GradScaler("cuda", enabled=t.precision == "fp16")
+        self.forward = torch.compile(self.model) if t.compile else self.model
         self.stream = BatchStream(self.data.train, t.batch_size, seed=t.seed, random_flip=cfg.data.random_flip, device=self.device)
-        self.step = 0
+        self.window = LossWindow(self.device)
+        self.step, self.skipped, self.nonfinite_run = 0, 0, 0
         self.null_label = cfg.model.num_classes or 0
+        self.t_scale = 1 / self.process.timesteps if getattr(self.process, "discrete", False) else 1.0
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     # --- state ---------------------------------------------------------------------
     def state_dict(self) -> dict:
+        emas = [e.state_dict() for e in self.emas]
         return {
             "config": self.cfg.to_dict(), "step": self.step, "model": self.model.state_dict(),
-            "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(), "data": self.stream.state_dict(),
-            "rng": rng_state(), "class_names": self.data.train.class_names,
+            "ema": emas[0], "emas": emas,  # "ema" is the default EMA (shares its tensors with emas[0] on disk)
+            "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
+            "timestep_sampler": self.timesteps.state_dict(), "data": self.stream.state_dict(), "rng": rng_state(),
+            "counters": {"skipped": self.skipped, "nonfinite_run": self.nonfinite_run},
+            "log_window": self.window.state_dict(), "class_names": self.data.train.class_names,
         }
 
     def load_state_dict(self, state: dict, source: str) -> None:
         load_model_state(self.model, state["model"], source)
-        load_model_state(self.ema.model, state["ema"]["weights"], source)
-        self.ema.load_state_dict(state["ema"])
+        saved = {float(e["rate"]): e for e in state.get("emas") or [state["ema"]]}
+        for ema in self.emas:
+            if ema.rate in saved:
+                load_model_state(ema.model, saved[ema.rate]["weights"], source)
+                ema.load_state_dict(saved[ema.rate])
+            else:
+                warnings.warn(f"'{source}' has no EMA of rate {ema.rate} (it has {sorted(saved)}); "
+                              f"starting that EMA from the raw weights")
+                ema.model.load_state_dict(self.model.state_dict())
         self.opt.load_state_dict(state["optimizer"])
+        if "scaler" in state and self.scaler.is_enabled() and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        if state.get("timestep_sampler", {}).get("name") == self.timesteps.name:
+            self.timesteps.load_state_dict(state["timestep_sampler"])
         self.stream.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         self.step = int(state["step"])
+        counters = state.get("counters", {})
+        self.skipped, self.nonfinite_run = int(counters.get("skipped", 0)), int(counters.get("nonfinite_run", 0))
+        if "log_window" in state:
+            self.window.load_state_dict(state["log_window"])
 
     def save(self) -> Path:
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        t = self.cfg.train
         path = self.ckpt_dir / checkpoint_name(self.step)
+        try:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(f"cannot create '{self.ckpt_dir}': {e.strerror or e}") from None
         save_checkpoint(self.state_dict(), path)
-        prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_checkpoints)
+        prune_checkpoints(self.ckpt_dir, t.keep_checkpoints, t.milestone_every)
         return path
 
     def resume(self) -> None:
@@ -159,6 +138,7 @@ class Trainer:
                     f"use train.resume=auto to continue, or another run_dir"
                 )
             return
+        remove_stale_temp_files(self.ckpt_dir)
         if mode == "auto":
             found = newest_valid_checkpoint(self.ckpt_dir)
             if found is None:
@@ -172,35 +152,89 @@ class Trainer:
 
     # --- one step --------------------------------------------------------------------
     def train_step(self, lr: float) -> tuple[float, float]:
-        """One optimizer step; returns (loss, gradient norm). Skips the update on a non-finite loss."""
+        """One optimizer step over the batch, in micro-batches if configured; returns (loss, gradient norm).
+
+        The loss is the mean of the per-sample losses times the timestep sampler's importance
+        weights. A non-finite loss or gradient norm skips the update (no optimizer or EMA step).
+        """
         t = self.cfg.train
         for group in self.opt.param_groups:
             group["lr"] = lr
         x0, y = self.stream.next()
+        x0 = x0.contiguous(memory_format=self.memory_format)
         b = x0.shape[0]
-        if self.null_label:
+        if self.null_label:  # label dropout for classifier-free guidance
             drop = torch.rand(b, device=self.device) < t.label_dropout
             y = torch.where(drop, torch.full_like(y, self.null_label), y)
         else:
             y = None
-        ts = self.process.sample_t(b, self.device)
-        loss = self.process.loss(lambda x, tt: self.model(x, tt, y), x0, ts).mean()
+        ts, weights = self.timesteps.sample(b, self.device)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        chunk = t.microbatch if 0 < t.microbatch < b else b
+        parts = []
+        for i in range(0, b, chunk):
+            yi = None if y is None else y[i : i + chunk]
+            with self.autocast():
+                losses = self.process.loss(lambda x, tt: self.forward(x, tt, yi), x0[i : i + chunk], ts[i : i + chunk])
+            if weights is not None:
+                losses = losses * weights[i : i + chunk]
+            self.scaler.scale(losses.sum() / b).backward()  # sum / b: micro-batch gradients add up to the batch mean
+            parts.append(losses.detach())
+        per_sample = torch.cat(parts) if len(parts) > 1 else parts[0]
+        loss = per_sample.mean()
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.opt)
         max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        loss_value, norm_value = torch.stack([loss.detach(), grad_norm]).tolist()
-        if math.isfinite(loss_value) and math.isfinite(norm_value):
+        loss_value, norm_value = torch.stack([loss.float(), grad_norm.float()]).tolist()  # the step's one host sync
+        ok = math.isfinite(loss_value) and math.isfinite(norm_value)
+        if self.scaler.is_enabled():
+            self.scaler.step(self.opt)  # skips the update itself on inf/nan gradients
+            self.scaler.update()
+        elif ok:
             self.opt.step()
-            self.ema.update(self.model)
+        if ok:
+            for ema in self.emas:
+                ema.update(self.model, self.step)
+            unweighted = per_sample if weights is None else per_sample / weights
+            self.timesteps.update(ts, unweighted)
+            self.window.add(loss_value, norm_value, ts.float() * self.t_scale, per_sample)
         return loss_value, norm_value
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Mean loss on the held-out split for the raw and the default EMA weights (same t and noise)."""
+        test = self.data.test
+        if test is None or len(test) == 0:
+            return {}
+        n, bs = min(len(test), VAL_MAX_IMAGES), self.cfg.train.batch_size
+        out = {}
+        self.model.eval()
+        for name, model in (("val_loss", self.model), ("val_loss_ema", self.ema.model)):
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(self.cfg.train.seed + 1)
+                total = 0.0
+                for i in range(0, n, bs):
+                    x0 = to_model_range(test.images[i : min(i + bs, n)].to(self.device))
+                    if self.cfg.data.normalize != "none":  # as the training batches (data.normalize)
+                        x0 = (x0 - self.cfg.data.mean) / self.cfg.data.std
+                    y = test.labels[i : i + len(x0)].to(self.device) if self.null_label else None
+                    ts = self.process.sample_t(len(x0), self.device)
+                    with self.autocast():
+                        total += float(self.process.loss(lambda x, tt: model(x, tt, y), x0, ts).sum())
+            out[name] = total / n
+        self.model.train()
+        return out
 
     # --- the loop ----------------------------------------------------------------------
     def run(self) -> Path:
         from tqdm import tqdm
 
         cfg, t = self.cfg, self.cfg.train
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(f"cannot create run directory '{self.run_dir}': {e.strerror or e}") from None
         self.resume()
         if self.step >= t.steps and (self.run_dir / "weights-ema.safetensors").exists():
             print(f"difftrain: {self.run_dir} is already trained to step {self.step} (train.steps={t.steps}); "
@@ -208,91 +242,123 @@ class Trainer:
                   file=sys.stderr)
             return self.run_dir
         atomic_write(self.run_dir / "config.yaml", lambda f: f.write(cfg.to_yaml().encode()))
-        log = MetricsLog(self.run_dir, t.tensorboard)
+        log = MetricsLog(self.run_dir, t.tensorboard, t.wandb, cfg.to_dict())
         n_params = sum(p.numel() for p in self.model.parameters())
         print(f"difftrain: {cfg.model.name} {n_params / 1e6:.2f}M parameters, {len(self.data.train)} training images "
               f"{cfg.model.in_channels}x{cfg.model.image_size}x{cfg.model.image_size}, {cfg.model.num_classes} classes, "
-              f"device {self.device}, run_dir {self.run_dir}", file=sys.stderr)
+              f"device {self.device}, {t.precision}, run_dir {self.run_dir}", file=sys.stderr)
         # Off a terminal (CI, log files) refresh rarely instead of flooding the log.
         bar = tqdm(total=t.steps, initial=self.step, disable=not t.progress, desc="train", unit="step", dynamic_ncols=True,
                    mininterval=0.2 if sys.stderr.isatty() else 30)
-        losses, norms, nonfinite, skipped_total = [], [], 0, 0
         tick, tick_step = time.perf_counter(), self.step
         try:
-            while self.step < t.steps:
-                loss, norm = self.train_step(lr_at(self.step, cfg))
-                self.step += 1
-                bar.update(1)
-                if math.isfinite(loss) and math.isfinite(norm):
-                    nonfinite = 0
-                    losses.append(loss)
-                    norms.append(norm)
-                else:
-                    nonfinite += 1
-                    skipped_total += 1
-                    warnings.warn(f"step {self.step}: non-finite loss {loss} / gradient norm {norm}; update skipped")
-                    if nonfinite >= MAX_NONFINITE_IN_A_ROW:
-                        raise TrainingError(
-                            f"loss non-finite for {nonfinite} steps in a row (last at step {self.step}); stopped. "
-                            f"The last good checkpoint is kept in '{self.ckpt_dir}'; lower train.lr or check the data"
-                        )
-                if self.step % t.log_every == 0 or self.step == t.steps:
-                    elapsed = time.perf_counter() - tick
-                    ips = (self.step - tick_step) * t.batch_size / max(elapsed, 1e-9)
-                    mean_loss = sum(losses) / len(losses) if losses else float("nan")
-                    log.log(self.step, loss=mean_loss, grad_norm=max(norms) if norms else float("nan"),
-                            lr=lr_at(self.step - 1, cfg), images_per_s=ips, skipped_steps=skipped_total)
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}")
-                    losses, norms = [], []
-                    tick, tick_step = time.perf_counter(), self.step
-                pause = time.perf_counter()
-                if t.sample_every and self.step % t.sample_every == 0 and self.step < t.steps:
-                    self.write_grid(self.run_dir / "samples" / f"step-{self.step:07d}.png", log)
-                if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.steps:
-                    self.save()
-                tick += time.perf_counter() - pause  # images/s counts training time only
-        except KeyboardInterrupt:
+            with StopSignals() as stop:
+                while self.step < t.steps:
+                    loss, norm = self.train_step(lr_at(self.step, cfg))
+                    self.step += 1
+                    bar.update(1)
+                    self.count_nonfinite(loss, norm)
+                    if self.step % t.log_every == 0 or self.step == t.steps:
+                        elapsed = time.perf_counter() - tick
+                        ips = (self.step - tick_step) * t.batch_size / max(elapsed, 1e-9)
+                        row = self.window.flush()
+                        log.log(self.step, **row, lr=lr_at(self.step - 1, cfg), images_per_s=ips, skipped_steps=self.skipped)
+                        bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{ips:.0f}")
+                        tick, tick_step = time.perf_counter(), self.step
+                    pause = time.perf_counter()
+                    self.periodic(log, stop.requested is not None)
+                    tick += time.perf_counter() - pause  # images/s counts training time only
+                    if stop.requested:
+                        print(f"\ndifftrain: {stop.requested} at step {self.step}: checkpoint written to "
+                              f"{self.ckpt_dir / checkpoint_name(self.step)}. Resume with the same command "
+                              f"(train.resume=auto continues from the newest checkpoint).", file=sys.stderr)
+                        return self.run_dir
             bar.close()
+            return self.finish(log)
+        except KeyboardInterrupt:  # only outside the main thread, where StopSignals cannot catch Ctrl-C
             path = self.save()
-            log.close()
-            print(f"\ninterrupted at step {self.step}; saved {path}. Resume with the same command "
-                  f"(train.resume=auto continues from the newest checkpoint).", file=sys.stderr)
+            print(f"\ninterrupted at step {self.step}; saved {path}. Resume with the same command.", file=sys.stderr)
             raise
-        bar.close()
-        final = self.finish(log)
-        log.close()
-        return final
+        finally:
+            bar.close()
+            log.close()
+
+    def count_nonfinite(self, loss: float, norm: float) -> None:
+        if math.isfinite(loss) and math.isfinite(norm):
+            self.nonfinite_run = 0
+            return
+        if self.scaler.is_enabled() and math.isfinite(loss):
+            return  # fp16 gradient overflow: the loss scaler lowers its scale and skips the step
+        self.nonfinite_run += 1
+        self.skipped += 1
+        warnings.warn(f"step {self.step}: non-finite loss {loss} / gradient norm {norm}; update skipped")
+        if self.nonfinite_run >= self.cfg.train.max_nonfinite:
+            raise TrainingError(
+                f"loss non-finite for {self.nonfinite_run} steps in a row (last at step {self.step}); stopped. "
+                f"The last good checkpoint is kept in '{self.ckpt_dir}'; lower train.lr or check the data"
+            )
+
+    def periodic(self, log: MetricsLog, stopping: bool) -> None:
+        """Validation, sample grids and checkpoints due after this step (a checkpoint always when stopping)."""
+        t, step = self.cfg.train, self.step
+        if step >= t.steps:
+            return
+        if t.val_every and step % t.val_every == 0:
+            log.log(step, **self.validate())
+        if t.sample_every and step % t.sample_every == 0:
+            self.write_grids(f"step-{step:07d}", log)
+        if stopping or (t.checkpoint_every and step % t.checkpoint_every == 0):
+            self.save()
 
     def finish(self, log: MetricsLog) -> Path:
+        t = self.cfg.train
+        if t.val_every:
+            log.log(self.step, **self.validate())
         path = self.save()
         meta = {"config": self.cfg.to_yaml(), "step": str(self.step)}
         export_safetensors(self.model.state_dict(), self.run_dir / "weights.safetensors", meta)
-        export_safetensors(self.ema.model.state_dict(), self.run_dir / "weights-ema.safetensors", meta)
-        grid = self.write_grid(self.run_dir / "samples" / "final.png", log)
+        for i, ema in enumerate(self.emas):
+            name = "weights-ema.safetensors" if i == 0 else f"weights-ema-{ema_label(ema.rate)}.safetensors"
+            export_safetensors(ema.model.state_dict(), self.run_dir / name, {**meta, "ema_rate": ema_label(ema.rate)})
+        grid = self.write_grids("final", log)
         print(f"difftrain: trained {self.step} steps. Files in {self.run_dir}/:\n"
-              f"  checkpoint   {path}\n  weights      {self.run_dir / 'weights-ema.safetensors'} (EMA), "
+              f"  checkpoint   {path}\n  weights      {self.run_dir / 'weights-ema.safetensors'} (EMA {self.ema.rate}), "
               f"{self.run_dir / 'weights.safetensors'} (raw)\n  samples      {grid}\n"
               f"  metrics      {self.run_dir / 'metrics.jsonl'}\n"
               f"Sample more with: difftrain sample {self.run_dir} --n 100 --out grid.png", file=sys.stderr)
         return self.run_dir
 
-    def write_grid(self, path: Path, log: MetricsLog | None = None) -> Path:
-        """Grid from the EMA weights with the recipe's sampler: one row per class (10 per row)."""
+    def write_grids(self, stem: str, log: MetricsLog | None = None) -> Path:
+        """Grids from the default EMA (STEM.png) and the raw weights (STEM-raw.png); returns the EMA one."""
+        folder = self.run_dir / "samples"
+        self.model.eval()
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            ema_path = self.write_grid(folder / f"{stem}.png", log, self.ema.model, "samples/ema")
+            self.write_grid(folder / f"{stem}-raw.png", log, self.model, "samples/raw")
+        self.model.train()
+        return ema_path
+
+    def write_grid(self, path: Path, log: MetricsLog | None = None, model: torch.nn.Module | None = None,
+                   tag: str = "samples/ema") -> Path:
+        """Grid with the recipe's sampler (EMA weights by default): one row per class (10 per row)."""
         num_classes = self.cfg.model.num_classes or 0
         rows = min(num_classes, 10) if num_classes else 8
         cols = 10 if num_classes else 8
         labels = cycled_labels(rows * cols, num_classes, list(range(rows)))
-        images = generate(self.ema.model, self.cfg, rows * cols, labels=labels, seed=self.cfg.train.seed)
+        images = generate(model or self.ema.model, self.cfg, rows * cols, labels=labels, seed=self.cfg.train.seed)
         write_grid(images, labels, path)
         if log is not None:
             from torchvision.utils import make_grid
 
-            log.add_image("samples/ema", make_grid(images, nrow=cols), self.step)
+            log.add_image(tag, make_grid(images, nrow=cols), self.step)
         return path
 
 
 def train(cfg: Config) -> Path:
-    """Train `cfg` to cfg.train.steps (resuming per cfg.train.resume); returns the run directory."""
+    """Train `cfg` to cfg.train.steps (resuming per cfg.train.resume); returns the run directory.
+
+    SIGTERM or Ctrl-C finishes the current step, writes a checkpoint and returns early.
+    """
     return Trainer(cfg).run()
 
 

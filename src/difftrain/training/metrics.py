@@ -1,4 +1,4 @@
-"""Metric logging: one JSON object per line in metrics.jsonl, mirrored to TensorBoard."""
+"""Metric logging: one JSON object per line in metrics.jsonl, mirrored to TensorBoard and Weights & Biases."""
 
 from __future__ import annotations
 
@@ -7,33 +7,102 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import Tensor
+
+from difftrain.config import ConfigError
+
+WANDB_MODES = ("none", "online", "offline")  # not "off": YAML reads that as false
+
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, wandb: str = "none", config: dict | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self._file = open(self.path, "a", buffering=1)
-        self._tb = None
+        self._tb = self._wandb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        if wandb not in WANDB_MODES:
+            raise ConfigError(f"unknown train.wandb '{wandb}'; choose from {', '.join(WANDB_MODES)}")
+        if wandb != "none":
+            try:
+                import wandb as wb
+            except ImportError:
+                raise ConfigError(f"train.wandb={wandb} needs the wandb package (pip install wandb); "
+                                  f"or set train.wandb=none") from None
+            self._wandb = wb.init(dir=str(run_dir), mode=wandb, config=config, name=Path(run_dir).name)
 
     def log(self, step: int, **values: Any) -> None:
         row = {"step": step, **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}}
         self._file.write(json.dumps(row) + "\n")
+        numbers = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
         if self._tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)) and v is not None:
-                    self._tb.add_scalar(k, v, step)
+            for k, v in numbers.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(numbers, step=step)
 
     def add_image(self, tag: str, image, step: int) -> None:
+        """`image` uint8 (C, H, W)."""
         if self._tb is not None:
             self._tb.add_image(tag, image, step)
+        if self._wandb is not None:
+            import wandb as wb
+
+            self._wandb.log({tag: wb.Image(image.permute(1, 2, 0).numpy())}, step=step)
 
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+class LossWindow:
+    """Loss statistics since the last log line: mean loss, max gradient norm, mean loss per t quartile.
+
+    Step losses arrive as host floats (the step's one sync); per-sample losses are summed per
+    quartile of t on the device and read only when the line is written. `state_dict` lets a
+    resumed run write the same log lines as an uninterrupted one.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum, self.steps, self.max_norm = 0.0, 0, float("-inf")
+        self.q_sum = torch.zeros(4, dtype=torch.float64, device=self.device)
+        self.q_count = torch.zeros(4, dtype=torch.float64, device=self.device)
+
+    def add(self, loss: float, grad_norm: float, t_frac: Tensor, losses: Tensor) -> None:
+        """`t_frac` (B,) timesteps scaled to [0, 1); `losses` (B,) per-sample losses."""
+        self.loss_sum += loss
+        self.steps += 1
+        self.max_norm = max(self.max_norm, grad_norm)
+        q = (t_frac * 4).long().clamp_(0, 3)
+        self.q_sum.index_add_(0, q, losses.detach().to(self.q_sum))
+        self.q_count.index_add_(0, q, torch.ones_like(self.q_count[q]))
+
+    def flush(self) -> dict[str, float]:
+        means = (self.q_sum / self.q_count).tolist()  # nan where a quartile saw no sample
+        row = {"loss": self.loss_sum / self.steps if self.steps else float("nan"),
+               **{f"loss_q{i}": m for i, m in enumerate(means)},
+               "grad_norm": self.max_norm if self.steps else float("nan")}
+        self.reset()
+        return row
+
+    def state_dict(self) -> dict:
+        return {"loss_sum": self.loss_sum, "steps": self.steps, "max_norm": self.max_norm,
+                "q_sum": self.q_sum.cpu(), "q_count": self.q_count.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loss_sum, self.steps, self.max_norm = float(state["loss_sum"]), int(state["steps"]), float(state["max_norm"])
+        self.q_sum.copy_(state["q_sum"])
+        self.q_count.copy_(state["q_count"])
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

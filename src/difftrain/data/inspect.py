@@ -1,0 +1,235 @@
+"""`difftrain data inspect SOURCE`: counts, classes, image sizes, a preview grid and the unreadable files.
+
+SOURCE is a registered data set name (`digits`), or a path or URL whose kind is guessed: a
+shard folder / shards.json / .tar pattern / http(s) URL (shards), a .npz or .csv (fonts), a
+folder holding the CIFAR pickles (cifar10 / cifar100), or any other folder (images). `name`
+overrides the guess (e.g. `mnist`, `celebahq`).
+"""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from difftrain.config import DataConfig
+from difftrain.data.cifar import LAYOUTS as CIFAR_LAYOUTS
+from difftrain.data.cifar import find_cifar_folder
+from difftrain.data.folder import DataError, class_of, list_images, read_image, resolve_class_source
+from difftrain.data.fonts import read_fonts_file
+from difftrain.data.shards import DECODE_ERRORS, INDEX_NAME, decode, is_url, iter_shard, resolve_shards
+
+NATIVE_SIZE = {"digits": 8, "mnist": 28, "fashion_mnist": 28, "cifar10": 32, "cifar100": 32}
+MAX_PREVIEW_ROWS = 26
+
+
+@dataclass
+class Report:
+    source: str
+    kind: str
+    counts: dict[str, int] = field(default_factory=dict)  # split -> images
+    class_names: list[str] = field(default_factory=list)
+    class_counts: dict[str, Counter] = field(default_factory=dict)  # split -> class name -> images
+    sizes: Counter = field(default_factory=Counter)  # "WxH mode" or "CxHxW" -> images
+    unreadable: list[str] = field(default_factory=list)
+    preview: str | None = None
+
+    def format(self) -> str:
+        lines = [f"source   {self.source}", f"kind     {self.kind}"]
+        lines.append("images   " + ", ".join(f"{split} {n}" for split, n in self.counts.items()))
+        lines.append(f"classes  {len(self.class_names)}" + (f": {', '.join(self.class_names[:30])}"
+                                                         + (" ..." if len(self.class_names) > 30 else "") if self.class_names else " (unlabelled)"))
+        for split, counter in self.class_counts.items():
+            if self.class_names:
+                per = [counter.get(c, 0) for c in self.class_names]
+                lines.append(f"per class ({split}) min {min(per)}, max {max(per)}"
+                             + (f"; empty: {', '.join(c for c in self.class_names if not counter.get(c))}" if min(per) == 0 else ""))
+        lines.append("sizes    " + ", ".join(f"{s} ({n})" for s, n in self.sizes.most_common(8))
+                     + (f" and {len(self.sizes) - 8} more" if len(self.sizes) > 8 else ""))
+        lines.append(f"unreadable {len(self.unreadable)}")
+        lines.extend(f"  {u}" for u in self.unreadable[:50])
+        if len(self.unreadable) > 50:
+            lines.append(f"  ... and {len(self.unreadable) - 50} more")
+        if self.preview:
+            lines.append(f"preview  {self.preview}")
+        return "\n".join(lines)
+
+
+def guess_kind(source: str) -> str:
+    """The data set name for a path or URL (see the module docstring)."""
+    from difftrain.data import DATASETS
+
+    path = Path(source).expanduser()
+    if source in DATASETS and not path.exists():
+        return source
+    if is_url(source) or source.endswith((".tar", ".json")) or "{" in source:
+        return "shards"
+    if path.suffix in (".npz", ".csv") and path.is_file():
+        return "fonts"
+    if path.is_dir():
+        if (path / INDEX_NAME).is_file() or (any(path.glob("*.tar")) and not list_images(path)):
+            return "shards"
+        for name in CIFAR_LAYOUTS:
+            try:
+                find_cifar_folder(path, name)
+                return name
+            except DataError:
+                pass
+        return "folder"
+    raise DataError(f"'{source}' is neither a data set name ({', '.join(DATASETS.names())}) nor an existing path or URL")
+
+
+def _grid(images: list[np.ndarray], rows: list[int], cols: int) -> Image.Image:
+    """images (C, H, W) uint8, row index each -> one PIL image, small images upscaled to >= 32 px."""
+    c, h, w = images[0].shape
+    n_rows = max(rows) + 1
+    canvas = np.full((n_rows * (h + 1) + 1, cols * (w + 1) + 1, c), 128, np.uint8)
+    filled = Counter()
+    for img, r in zip(images, rows):
+        k = filled[r]
+        filled[r] += 1
+        canvas[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + k * (w + 1) : 1 + k * (w + 1) + w] = img.transpose(1, 2, 0)
+    scale = max(1, 32 // h)
+    canvas = canvas.repeat(scale, 0).repeat(scale, 1)
+    return Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+
+
+class _Preview:
+    """Collects up to `per_class` images for each of the first MAX_PREVIEW_ROWS classes."""
+
+    def __init__(self, per_class: int):
+        self.per_class, self.images, self.rows, self.taken = per_class, [], [], Counter()
+
+    def want(self, row: int) -> bool:
+        return row < MAX_PREVIEW_ROWS and self.taken[row] < self.per_class
+
+    def add(self, image: np.ndarray, row: int) -> None:
+        if self.want(row):
+            self.images.append(image)
+            self.rows.append(row)
+            self.taken[row] += 1
+
+    def save(self, path: str | Path | None) -> str | None:
+        if not path or not self.images:
+            return None
+        shape = self.images[0].shape
+        keep = [(im, r) for im, r in zip(self.images, self.rows) if im.shape == shape]
+        rows = sorted({r for _, r in keep})
+        dense = {r: i for i, r in enumerate(rows)}  # no empty rows in the grid
+        img = _grid([im for im, _ in keep], [dense[r] for _, r in keep], self.per_class)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        img.save(path)
+        return str(path)
+
+
+def _inspect_folder(report: Report, root: Path, image_size: int, preview: _Preview, class_from: str) -> None:
+    files = list_images(root)
+    if not files:
+        raise DataError(f"no images found under '{root}'")
+    source = resolve_class_source(files, root, class_from)
+    names = [class_of(f, root, source) for f in files]
+    report.class_names = sorted(set(names)) if source != "none" else []
+    index = {c: i for i, c in enumerate(report.class_names)}
+    counter: Counter = Counter()
+    for f, name in zip(files, names):
+        try:
+            with Image.open(f) as img:
+                size, mode = img.size, img.mode
+                img.verify()  # checks the file without decoding all pixels
+        except DECODE_ERRORS as e:
+            report.unreadable.append(f"{f}: {e}")
+            continue
+        report.sizes[f"{size[0]}x{size[1]} {mode}"] += 1
+        counter[name] += 1
+        row = index.get(name, 0)
+        if preview.want(row):
+            try:
+                preview.add(read_image(f, image_size, 3), row)
+            except DECODE_ERRORS as e:
+                report.unreadable.append(f"{f}: {e}")
+    report.counts["all"] = sum(counter.values())
+    if report.class_names:
+        report.class_counts["all"] = counter
+
+
+def _inspect_shards(report: Report, spec: str, image_size: int, preview: _Preview, limit: int) -> None:
+    urls, meta = resolve_shards(spec)
+    report.class_names = list(meta["classes"]) if meta else []
+    report.unreadable.extend(meta.get("skipped", []) if meta else [])
+    counter: Counter = Counter()
+    seen = 0
+    for url in urls:
+        for key, payload, label in iter_shard(url):
+            if limit and seen >= limit:
+                break
+            seen += 1
+            try:
+                if payload is None:
+                    raise ValueError("no image member")
+                with Image.open(io.BytesIO(payload)) as img:
+                    size, mode = img.size, img.mode
+                if preview.want(label):
+                    preview.add(decode(payload, image_size, 3), label)
+            except DECODE_ERRORS as e:
+                report.unreadable.append(f"{url}:{key}: {e}")
+                continue
+            report.sizes[f"{size[0]}x{size[1]} {mode}"] += 1
+            name = report.class_names[label] if label < len(report.class_names) else str(label)
+            counter[name] += 1
+    report.counts["all" if not limit else f"first {seen} read"] = sum(counter.values())
+    report.counts["shards"] = len(urls)
+    report.class_counts["all"] = counter
+
+
+def _inspect_loaded(report: Report, cfg: DataConfig, preview: _Preview) -> None:
+    from difftrain.data import DATASETS
+
+    splits = DATASETS[cfg.name](cfg)
+    report.class_names = list(splits.train.class_names)
+    report.unreadable.extend(splits.skipped)
+    for split, data in (("train", splits.train), ("test", splits.test)):
+        if data is None:
+            continue
+        report.counts[split] = len(data)
+        report.sizes["x".join(str(s) for s in data.images.shape[1:])] += len(data)
+        if report.class_names:
+            report.class_counts[split] = Counter(report.class_names[i] for i in data.labels.tolist())
+    for img, label in zip(splits.train.images, splits.train.labels.tolist()):
+        if preview.want(label):
+            preview.add(img.numpy(), label)
+        if len(preview.images) >= preview.per_class * MAX_PREVIEW_ROWS:
+            break
+
+
+def inspect_source(source: str, *, name: str | None = None, preview: str | Path | None = None, image_size: int | None = None,
+                   per_class: int = 8, limit: int = 0, download: bool = False, class_from: str = "auto") -> Report:
+    """Report on SOURCE (see the module docstring); writes the preview grid to `preview` when given."""
+    kind = name or guess_kind(source)
+    report = Report(source=source, kind=kind)
+    grid = _Preview(per_class)
+    size = image_size or 32
+    if kind in ("folder", "celebahq"):
+        root = Path(source).expanduser()
+        if not root.is_dir():
+            raise DataError(f"image folder '{root}' does not exist or is not a folder")
+        _inspect_folder(report, root, size, grid, "none" if kind == "celebahq" else class_from)
+    elif kind == "shards":
+        _inspect_shards(report, source, size, grid, limit)
+    else:
+        path = None if (kind == source and not Path(source).exists()) else source
+        if kind == "fonts":
+            size = image_size or read_fonts_file(source)[0].shape[-1]
+        else:
+            size = image_size or NATIVE_SIZE.get(kind, 32)
+        cfg = DataConfig(name=kind, path=path, image_size=size, download=download)
+        _inspect_loaded(report, cfg, grid)
+    report.preview = grid.save(preview)
+    return report
+
+
+__all__ = ["Report", "guess_kind", "inspect_source"]
+

@@ -1,0 +1,356 @@
+"""WebDataset-style tar shards for data sets too large for one disk or read by many nodes.
+
+A shard is a plain tar file holding, per sample, `KEY.png` (the image) and `KEY.cls` (the
+class index as decimal text), members of one sample next to each other: the layout of
+WebDataset (Aizman et al. 2019), read here with Python's `tarfile` in streaming mode, from
+local paths or http(s) URLs (urllib), so no extra dependency is needed. `write_shards` also
+writes `shards.json` (class names and per-shard counts) next to the shards.
+
+A source (`data.path`) is a folder of shards, a `shards.json` path or URL, a brace pattern
+`train-{000000..000009}.tar` (local or URL), or a comma-separated list of shard paths/URLs.
+
+Streaming order: each epoch visits the shards in a permutation drawn from (seed, epoch), and
+each shard's samples in a permutation drawn from (seed, epoch, shard position), so the order
+is fixed by (seed, epoch) whatever the number of worker processes. Worker w decodes the shards
+at positions w, w + W, ...; the DataLoader hands them back round-robin, i.e. in position order.
+The position (epoch, shard, item) restores the order on resume without reading skipped data.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+import urllib.parse
+import urllib.request
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Iterator
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from difftrain.data.folder import DataError, class_of, list_images, read_image, resolve_class_source
+from difftrain.data.memory import ImageSet, to_model_range
+
+INDEX_NAME = "shards.json"
+IMAGE_KEYS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError)
+
+
+# --- writing -------------------------------------------------------------------------------
+
+def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(payload), 0, 0o644  # fixed metadata: identical input gives identical shards
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def _png_bytes(path: Path, image_size: int | None, channels: int | None) -> bytes:
+    if image_size:
+        arr = read_image(path, image_size, channels or 3)  # (C, H, W) uint8
+        img = Image.fromarray(arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0))
+    else:
+        with Image.open(path) as img:
+            img.load()
+            img = img.convert("L" if channels == 1 or (channels is None and img.mode in ("1", "L", "I;16")) else "RGB")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_shards(folder: str | Path, out: str | Path, shard_size: int, *, image_size: int | None = None,
+                 channels: int | None = None, class_from: str = "auto", seed: int = 0, prefix: str = "shard") -> dict:
+    """Write the images under `folder` as shuffled tar shards of `shard_size` samples into `out`.
+
+    Images are re-encoded as PNG (resized and center-cropped first when image_size is given);
+    classes come from sub-folders or file-name prefixes as for `data.name=folder`. Returns the
+    index also written to OUT/shards.json; unreadable files are left out and listed there.
+    """
+    if shard_size <= 0:
+        raise DataError(f"--shard-size must be positive, got {shard_size}")
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise DataError(f"image folder '{root}' does not exist or is not a folder")
+    files = list_images(root)
+    if not files:
+        raise DataError(f"no images found under '{root}'")
+    source = resolve_class_source(files, root, class_from)
+    names = [class_of(f, root, source) for f in files]
+    classes = sorted(set(names)) if source != "none" else []
+    index = {c: i for i, c in enumerate(classes)}
+    # Shuffle before writing: a shard then mixes classes, and in-shard shuffling suffices when streaming.
+    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
+    out = Path(out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    shards, skipped, tar, count = [], [], None, 0
+    for n, i in enumerate(order):
+        try:
+            payload = _png_bytes(files[i], image_size, channels)
+        except DECODE_ERRORS as e:
+            skipped.append(f"{files[i]}: {e}")
+            continue
+        if tar is None or count == shard_size:
+            if tar is not None:
+                tar.close()
+                shards.append({"file": name, "count": count})
+            name = f"{prefix}-{len(shards):06d}.tar"
+            tar, count = tarfile.open(out / name, "w", format=tarfile.USTAR_FORMAT), 0
+        key = f"{n:09d}"
+        _add_member(tar, f"{key}.png", payload)
+        _add_member(tar, f"{key}.cls", str(index.get(names[i], 0)).encode())
+        count += 1
+    if tar is not None:
+        tar.close()
+        shards.append({"file": name, "count": count})
+    if not shards:
+        raise DataError(f"none of the {len(files)} images under '{root}' could be read")
+    meta = {"format": "difftrain-shards", "version": 1, "classes": classes, "image_size": image_size,
+            "shards": shards, "skipped": skipped}
+    (out / INDEX_NAME).write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+# --- reading -------------------------------------------------------------------------------
+
+def is_url(spec: str) -> bool:
+    return urllib.parse.urlparse(spec).scheme in ("http", "https")
+
+
+def expand_braces(spec: str) -> list[str]:
+    """`a-{000..002}.tar` -> a-000.tar, a-001.tar, a-002.tar (zero padding kept); `{a,b}` lists too."""
+    m = re.search(r"\{([^{}]*)\}", spec)
+    if not m:
+        return [spec]
+    head, tail, body = spec[: m.start()], spec[m.end():], m.group(1)
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        lo, hi = rng.groups()
+        items = [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
+    else:
+        items = body.split(",")
+    return [x for item in items for x in expand_braces(head + item + tail)]
+
+
+def _open(spec: str) -> IO[bytes]:
+    if is_url(spec):
+        return urllib.request.urlopen(spec, timeout=60)  # noqa: S310 (http/https only, checked above)
+    return open(spec, "rb")
+
+
+def _read_index(spec: str) -> dict:
+    with _open(spec) as f:
+        meta = json.load(f)
+    if meta.get("format") != "difftrain-shards":
+        raise DataError(f"'{spec}' is not a shard index (written by `difftrain data shard`)")
+    base = spec.rsplit("/", 1)[0] if is_url(spec) else str(Path(spec).parent)
+    for s in meta["shards"]:
+        s["url"] = f"{base}/{s['file']}"
+    return meta
+
+
+def resolve_shards(spec: str) -> tuple[list[str], dict | None]:
+    """Shard paths/URLs and the index (None when there is none) of a shard source."""
+    if not spec:
+        raise DataError("data.name=shards needs data.path: a shard folder, a shards.json, a pattern like "
+                        "train-{000000..000009}.tar, or http(s) URLs")
+    if spec.endswith(".json"):
+        meta = _read_index(spec)
+        return [s["url"] for s in meta["shards"]], meta
+    if not is_url(spec) and Path(spec).expanduser().is_dir():
+        root = Path(spec).expanduser()
+        if (root / INDEX_NAME).is_file():
+            meta = _read_index(str(root / INDEX_NAME))
+            return [s["url"] for s in meta["shards"]], meta
+        urls = sorted(str(p) for p in root.glob("*.tar"))
+        if not urls:
+            raise DataError(f"no .tar shards (and no {INDEX_NAME}) in '{root}'")
+        return urls, None
+    urls = [u for part in spec.split(",") for u in expand_braces(part.strip())]
+    missing = [u for u in urls if not is_url(u) and not Path(u).is_file()]
+    if missing:
+        raise DataError(f"shard file(s) not found: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    return urls, None
+
+
+def iter_shard(url: str) -> Iterator[tuple[str, bytes | None, int]]:
+    """(key, image bytes or None, class index) per sample of one shard, read as a stream."""
+    key, image, label = None, None, 0
+    with _open(url) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            base, _, ext = member.name.rpartition(".")
+            ext = "." + ext.lower()
+            if base != key:
+                if key is not None:
+                    yield key, image, label
+                key, image, label = base, None, 0
+            data = tar.extractfile(member).read()
+            if ext in IMAGE_KEYS:
+                image = data
+            elif ext == ".cls":
+                label = int(data.decode().strip())
+    if key is not None:
+        yield key, image, label
+
+
+def decode(payload: bytes | None, image_size: int, channels: int) -> np.ndarray:
+    if payload is None:
+        raise ValueError("no image member")
+    return read_image(io.BytesIO(payload), image_size, channels)
+
+
+def read_shard(url: str, image_size: int, channels: int) -> tuple[Tensor, Tensor, list[str]]:
+    """All samples of a shard: images (n, C, H, W) uint8, labels (n,), unreadable 'url:key: error' strings."""
+    arrays, labels, bad = [], [], []
+    for key, payload, label in iter_shard(url):
+        try:
+            arrays.append(decode(payload, image_size, channels))
+            labels.append(label)
+        except DECODE_ERRORS as e:
+            bad.append(f"{url}:{key}: {e}")
+    images = torch.from_numpy(np.stack(arrays)) if arrays else torch.zeros(0, channels, image_size, image_size, dtype=torch.uint8)
+    return images, torch.tensor(labels, dtype=torch.long), bad
+
+
+def _generator(seed: int, *keys: int) -> torch.Generator:
+    g = seed
+    for k in keys:
+        g = g * 100_003 + k
+    return torch.Generator().manual_seed(g % (2**63))
+
+
+class _EpochShards(IterableDataset):
+    """One epoch from shard position `start` on: yields (images, labels, unreadable) per shard, shuffled."""
+
+    def __init__(self, urls: list[str], order: list[int], start: int, image_size: int, channels: int, seed: int, epoch: int):
+        self.urls, self.order, self.start = urls, order, start
+        self.image_size, self.channels, self.seed, self.epoch = image_size, channels, seed, epoch
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for pos in range(self.start + worker, len(self.order), workers):
+            images, labels, bad = read_shard(self.urls[self.order[pos]], self.image_size, self.channels)
+            perm = torch.randperm(len(labels), generator=_generator(self.seed, self.epoch, pos))
+            yield images[perm], labels[perm], bad
+
+
+@dataclass
+class ShardSet:
+    """A streaming training set: shard URLs plus what the model needs to know before reading them."""
+
+    urls: list[str]
+    class_names: list[str]
+    image_size: int
+    channels: int
+    counts: list[int] | None = None  # per shard, from the index
+    num_workers: int = 0
+    prefetch: int = 2
+    skipped: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return sum(self.counts) if self.counts else 0  # 0: unknown without an index
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def make_stream(self, batch_size: int, *, seed: int = 0, random_flip: bool = False,
+                    device: torch.device | str = "cpu") -> ShardStream:
+        return ShardStream(self, batch_size, seed=seed, random_flip=random_flip, device=device)
+
+
+class ShardStream:
+    """Endless batches from a ShardSet with BatchStream's interface: next(), state_dict(), load_state_dict().
+
+    Worker processes (data.num_workers) decode whole shards ahead of use, data.prefetch
+    shards each; batches are cut in the main process and may span shards and epochs.
+    """
+
+    def __init__(self, data: ShardSet, batch_size: int, *, seed: int = 0, random_flip: bool = False,
+                 device: torch.device | str = "cpu"):
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.random_flip, self.device = random_flip, torch.device(device)
+        self.epoch, self.offset, self.shard, self.item = 0, 0, 0, 0
+        self._it: Iterator | None = None
+        self._current: tuple[Tensor, Tensor] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset, "shard": self.shard, "item": self.item}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+        self.shard, self.item = int(state.get("shard", 0)), int(state.get("item", 0))
+        self._it, self._current = None, None
+
+    def _start_epoch(self) -> None:
+        n = len(self.data.urls)
+        order = torch.randperm(n, generator=_generator(self.seed, self.epoch)).tolist()
+        ds = _EpochShards(self.data.urls, order, self.shard, self.data.image_size, self.data.channels, self.seed, self.epoch)
+        workers = min(self.data.num_workers, max(1, n - self.shard))
+        loader = DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=self.data.prefetch if workers else None,
+                            pin_memory=self.device.type == "cuda")
+        self._it = iter(loader)
+
+    def _load_shard(self) -> tuple[Tensor, Tensor]:
+        for _ in range(2):  # at most one epoch boundary per call
+            if self._it is None:
+                self._start_epoch()
+            try:
+                images, labels, bad = next(self._it)
+            except StopIteration:
+                self._it = None
+                self.epoch, self.offset, self.shard, self.item = self.epoch + 1, 0, 0, 0
+                continue
+            if bad:
+                warnings.warn(f"skipped {len(bad)} unreadable sample(s): {', '.join(bad[:3])}")
+            return images, labels
+        raise DataError(f"the shards {self.data.urls[:2]}... hold no readable samples")
+
+    def next(self) -> tuple[Tensor, Tensor]:
+        """(images in [-1, 1] float32 (B, C, H, W), labels (B,)) on the stream's device."""
+        xs, ys, need, empty = [], [], self.batch_size, 0
+        while need:
+            if self._current is None:
+                self._current = self._load_shard()
+            images, labels = self._current
+            take = min(need, len(labels) - self.item)
+            xs.append(images[self.item : self.item + take])
+            ys.append(labels[self.item : self.item + take])
+            self.item, self.offset, need = self.item + take, self.offset + take, need - take
+            if self.item == len(labels):
+                self.shard, self.item, self._current = self.shard + 1, 0, None
+                empty = empty + 1 if take == 0 else 0
+                if empty > len(self.data.urls):
+                    raise DataError("the shards hold no readable samples")
+        x = to_model_range(torch.cat(xs).to(self.device, non_blocking=True))
+        if self.random_flip:
+            flip = torch.rand(len(x), generator=_generator(self.seed, self.epoch * 7 + self.offset)) < 0.5
+            x = torch.where(flip.to(self.device)[:, None, None, None], x.flip(-1), x)
+        return x, torch.cat(ys).to(self.device)
+
+
+def load_shard_set(spec: str, image_size: int, channels: int | None = None, *, num_workers: int = 0,
+                   prefetch: int = 2) -> ShardSet:
+    urls, meta = resolve_shards(spec)
+    if meta is None:
+        warnings.warn(f"no {INDEX_NAME} for '{spec}': class names unknown, the set is treated as unlabelled")
+    return ShardSet(urls, list(meta["classes"]) if meta else [], image_size, channels or 3,
+                    counts=[s["count"] for s in meta["shards"]] if meta else None,
+                    num_workers=num_workers, prefetch=prefetch, skipped=list(meta.get("skipped", [])) if meta else [])
+
+
+def load_shards_in_memory(spec: str, image_size: int, channels: int | None = None, class_names: list[str] | None = None) -> ImageSet:
+    """A (small) shard source read whole into memory, e.g. the validation split."""
+    urls, meta = resolve_shards(spec)
+    channels = channels or 3
+    parts = [read_shard(u, image_size, channels) for u in urls]
+    names = class_names if class_names is not None else (list(meta["classes"]) if meta else [])
+    return ImageSet(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), names)

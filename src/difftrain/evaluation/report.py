@@ -1,0 +1,54 @@
+"""One entry point for `difftrain eval`: pick the metric, run it, format the result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import Tensor
+
+from difftrain.config import DataConfig
+from difftrain.evaluation import EvaluationError
+
+METRICS = ("digits", "fid")
+
+
+def default_metric(data: DataConfig | None) -> str:
+    """digits for digit data (or samples without a run), fid otherwise."""
+    return "digits" if data is None or data.name == "digits" else "fid"
+
+
+def evaluate_samples(images: Tensor, labels: Tensor | None, metric: str, *, data: DataConfig | None = None,
+                     cache: str | Path | None = None, inception_weights: str | Path | None = None,
+                     device: str = "cpu") -> dict:
+    """Metric `metric` of uint8 (N, C, H, W) samples. `data` is the run's data config (the FID
+    reference is its train split); without it the reference is the digits data at the samples' size."""
+    if metric not in METRICS:
+        raise EvaluationError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
+    if metric == "digits":
+        if data is not None and data.name != "digits":
+            raise EvaluationError(f"--metric digits scores digit samples, but this run trained on '{data.name}'; "
+                                  "use --metric fid")
+        from difftrain.evaluation.digits import digits_metrics
+
+        return digits_metrics(images, labels, image_size=data.image_size if data else None, cache=cache)
+
+    from difftrain.evaluation.fidelity import check_fidelity, fidelity_metrics
+
+    check_fidelity(inception_weights)  # fail before loading any data
+    from difftrain.data import DATASETS
+
+    data = data or DataConfig(name="digits", image_size=int(images.shape[-1]))
+    reference = DATASETS[data.name](data).train.images  # the data set itself, without black_white extras
+    name = f"difftrain-{data.name}-{Path(data.path).name + '-' if data.path else ''}train-{data.image_size}px"
+    return fidelity_metrics(images, reference, reference_name=name, weights=inception_weights, cache=cache,
+                            device=device)
+
+
+def format_report(result: dict) -> str:
+    if result["metric"] == "digits":
+        from difftrain.evaluation.digits import format_digits_report
+
+        return format_digits_report(result)
+    from difftrain.evaluation.fidelity import format_fidelity_report
+
+    return format_fidelity_report(result)

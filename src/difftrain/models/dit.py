@@ -1,0 +1,237 @@
+"""DiT: a transformer over image patches (Peebles & Xie 2023), with SD3/FLUX options.
+
+`model(x, t, y=None) -> Tensor` of x's shape. Nothing here knows about diffusion: t is a
+number per sample, embedded sinusoidally and applied through adaptive LayerNorm with
+zero-initialised gates (adaLN-Zero); y is a class index per sample, where index
+`num_classes` is the null class used for classifier-free guidance (y=None means all null).
+
+Options: the class enters as one extra token in the sequence (`class_embed="token"`, the
+MNIST reference) or is added to the timestep embedding (`"adaln"`, DiT); positions are 2D
+axial rotary embeddings on queries and keys (`pos_embed="rope"`, FLUX) or fixed 2D sin-cos
+added to the patch tokens (`"sincos"`, DiT); `qk_norm` RMS-normalises queries and keys
+per head (SD3). Size presets are at the end.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from difftrain.models.unet import timestep_embedding
+
+CLASS_EMBEDS = ("token", "adaln")
+POS_EMBEDS = ("rope", "sincos")
+
+
+# --- positions --------------------------------------------------------------------------
+
+def grid_positions(h: int, w: int, device: torch.device | str = "cpu") -> Tensor:
+    """(row, col) of each patch in raster order, (h * w, 2) float."""
+    rows, cols = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    return torch.stack([rows.flatten(), cols.flatten()], dim=-1).float()
+
+
+def rope_2d(pos: Tensor, head_dim: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """Axial 2D rotary angles (Su et al. 2021; FLUX): half of each head rotates with the row,
+    half with the column. pos (T, 2) -> cos, sin, each (T, head_dim / 2), one per channel pair."""
+    if head_dim % 4:
+        raise ValueError(f"2D RoPE needs a head dimension divisible by 4, got {head_dim}")
+    quarter = head_dim // 4
+    freqs = theta ** (-torch.arange(quarter, device=pos.device, dtype=torch.float32) / quarter)  # (d/4,)
+    angles = torch.cat([pos[:, :1] * freqs, pos[:, 1:] * freqs], dim=-1)  # (T, d/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the channel pairs (2i, 2i + 1) of x (B, H, T, d) by the angles of each position."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, H, T, d/2) each
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, H, T, d/2, 2)
+    return out.flatten(-2).type_as(x)
+
+
+def sincos_2d(pos: Tensor, dim: int) -> Tensor:
+    """Fixed 2D sin-cos position embedding (DiT / MAE): half the channels for rows, half for columns. (T, 2) -> (T, dim)."""
+    if dim % 4:
+        raise ValueError(f"2D sin-cos embedding needs a width divisible by 4, got {dim}")
+    return torch.cat([timestep_embedding(pos[:, 0], dim // 2), timestep_embedding(pos[:, 1], dim // 2)], dim=-1)
+
+
+# --- blocks -----------------------------------------------------------------------------
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN: x (B, T, D) * (1 + scale) + shift, scale and shift (B, D)."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through F.scaled_dot_product_attention, with optional RoPE and qk-norm."""
+
+    def __init__(self, dim: int, heads: int, qk_norm: bool = False):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} does not split into {heads} heads")
+        self.heads, self.head_dim = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, T, d) each
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, d)
+        return self.proj(h.transpose(1, 2).reshape(b, n, d))  # (B, T, D)
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm transformer block whose LayerNorms are modulated by the conditioning c (adaLN-Zero)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, heads, qk_norm)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        # adaLN-Zero: zero-init the modulation so every gate starts at 0 and each block is the
+        # identity at initialisation (DiT, section 3.2); training opens the gates.
+        nn.init.zeros_(self.modulation[-1].weight)
+        nn.init.zeros_(self.modulation[-1].bias)
+
+    def forward(self, x: Tensor, c: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, dim=-1)  # (B, D) each
+        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
+        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    """Modulated LayerNorm and a linear map from each token to its patch of pixels."""
+
+    def __init__(self, dim: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        # Zero-init the modulation and the output map: the untrained model predicts 0 (DiT).
+        for layer in (self.modulation[-1], self.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))  # (B, T, p * p * C)
+
+
+# --- the model ----------------------------------------------------------------------------
+
+class DiT(nn.Module):
+    """Diffusion transformer: patchify, `depth` adaLN-Zero blocks, unpatchify."""
+
+    def __init__(self, *, image_size: int, in_channels: int, out_channels: int | None = None, hidden_size: int = 256,
+                 depth: int = 3, num_heads: int = 4, patch_size: int = 2, mlp_ratio: float = 4.0, num_classes: int = 0,
+                 class_embed: str = "token", pos_embed: str = "rope", qk_norm: bool = False,
+                 frequency_dim: int = 256, rope_theta: float = 10000.0):
+        super().__init__()
+        if class_embed not in CLASS_EMBEDS:
+            raise ValueError(f"unknown class_embed '{class_embed}'; choose from {', '.join(CLASS_EMBEDS)}")
+        if pos_embed not in POS_EMBEDS:
+            raise ValueError(f"unknown pos_embed '{pos_embed}'; choose from {', '.join(POS_EMBEDS)}")
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
+        self.image_size, self.in_channels, self.out_channels = image_size, in_channels, out_channels or in_channels
+        self.patch_size, self.num_classes, self.class_embed, self.pos_embed = patch_size, num_classes, class_embed, pos_embed
+        self.frequency_dim, self.rope_theta = frequency_dim, rope_theta
+        self.grid = image_size // patch_size
+        head_dim = hidden_size // num_heads
+
+        self.patch_embed = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+        self.time_embed = nn.Sequential(nn.Linear(frequency_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        # Row `num_classes` is the null class: the unconditional model for guidance.
+        self.label_embed = nn.Embedding(num_classes + 1, hidden_size) if num_classes > 0 else None
+        pos = grid_positions(self.grid, self.grid)  # (T, 2)
+        if pos_embed == "rope":
+            rope_2d(pos, head_dim)  # validates the head dimension now rather than at the first forward
+            self.register_buffer("pos", pos, persistent=False)
+        else:
+            self.register_buffer("pos", sincos_2d(pos, hidden_size)[None], persistent=False)  # (1, T, D), fixed
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth))
+        self.final = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """Xavier-uniform linear layers and N(0, 0.02) embeddings (DiT); the zero-inits in the blocks are kept."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module.weight.abs().sum() > 0:
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        w = self.patch_embed.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        if self.label_embed is not None:
+            nn.init.normal_(self.label_embed.weight, std=0.02)
+        for layer in (self.time_embed[0], self.time_embed[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+
+    def patchify(self, x: Tensor) -> Tensor:
+        return self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, T, D)
+
+    def unpatchify(self, x: Tensor) -> Tensor:
+        b, g, p, c = x.shape[0], self.grid, self.patch_size, self.out_channels
+        x = x.view(b, g, g, p, p, c)  # (B, gh, gw, p, p, C)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, g * p, g * p)  # (B, C, H, W)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        h = self.patchify(x)  # (B, T, D)
+        c = self.time_embed(timestep_embedding(t, self.frequency_dim))  # (B, D)
+        rope = None
+        if self.pos_embed == "sincos":
+            h = h + self.pos.to(h.dtype)
+        if self.label_embed is not None:
+            if y is None:
+                y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
+            if self.class_embed == "adaln":
+                c = c + self.label_embed(y)
+            else:
+                h = torch.cat([self.label_embed(y)[:, None], h], dim=1)  # (B, 1 + T, D)
+        if self.pos_embed == "rope":
+            pos = self.pos
+            if h.shape[1] > pos.shape[0]:  # the class token gets position (0, 0), as FLUX gives its text tokens
+                pos = torch.cat([pos.new_zeros(1, 2), pos])
+            rope = rope_2d(pos, self.blocks[0].attn.head_dim, self.rope_theta) if self.blocks else None
+        for block in self.blocks:
+            h = block(h, c, rope)
+        h = self.final(h, c)[:, -self.grid**2:]  # (B, T, p * p * C), the class token dropped
+        return self.unpatchify(h)
+
+
+# --- size presets (DiT, Table 1), named as in the paper: DiT-S/2 = DiT_S_2 ----------------
+
+SIZES = {"tiny": dict(depth=2, hidden_size=64, num_heads=4), "S": dict(depth=12, hidden_size=384, num_heads=6),
+         "B": dict(depth=12, hidden_size=768, num_heads=12), "L": dict(depth=24, hidden_size=1024, num_heads=16),
+         "XL": dict(depth=28, hidden_size=1152, num_heads=16)}
+
+
+def _preset(size: str, patch_size: int, **kwargs) -> DiT:
+    return DiT(**SIZES[size], patch_size=patch_size, **kwargs)
+
+
+DiT_tiny_2 = partial(_preset, "tiny", 2)  # for CPU tests and demos
+DiT_S_2, DiT_S_4, DiT_S_8 = (partial(_preset, "S", p) for p in (2, 4, 8))
+DiT_B_2, DiT_B_4, DiT_B_8 = (partial(_preset, "B", p) for p in (2, 4, 8))
+DiT_L_2, DiT_L_4, DiT_L_8 = (partial(_preset, "L", p) for p in (2, 4, 8))
+DiT_XL_2, DiT_XL_4, DiT_XL_8 = (partial(_preset, "XL", p) for p in (2, 4, 8))
+
+DIT_PRESETS = {
+    "dit_tiny_2": DiT_tiny_2,
+    "dit_s_2": DiT_S_2, "dit_s_4": DiT_S_4, "dit_s_8": DiT_S_8,
+    "dit_b_2": DiT_B_2, "dit_b_4": DiT_B_4, "dit_b_8": DiT_B_8,
+    "dit_l_2": DiT_L_2, "dit_l_4": DiT_L_4, "dit_l_8": DiT_L_8,
+    "dit_xl_2": DiT_XL_2, "dit_xl_4": DiT_XL_4, "dit_xl_8": DiT_XL_8,
+}

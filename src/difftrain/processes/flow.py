@@ -1,0 +1,136 @@
+"""Rectified flow (Liu et al. 2022; Esser et al. 2024, "SD3") as plain tensor functions.
+
+Notation: `sigma` in [0, 1] is the noise level; a noised sample is
+x_t = (1 - sigma) x_0 + sigma eps, and the model predicts the velocity v = eps - x_0
+(the straight path's time derivative d x_t / d sigma). The model is any callable
+`model(x_t, t) -> v` where t = sigma * timesteps, diffusers' convention for SD3
+(`num_train_timesteps` = 1000), so a model's timestep embedding sees the same range as
+under DDPM. Nothing here knows about network architectures.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from difftrain.config import ConfigError
+
+TIMESTEP_SAMPLINGS = ("logit_normal", "uniform", "mode")
+LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+
+ModelFn = Callable[[Tensor, Tensor], Tensor]
+Denoiser = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (x_t, sigma) -> (x0, eps)
+
+
+def shift_sigma(sigma: Tensor, shift: float) -> Tensor:
+    """SD3's resolution shift, Esser et al. 2024, eq. 23: shift > 1 spends more time at high noise."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def sample_sigma(n: int, sampling: str = "logit_normal", *, logit_mean: float = 0.0, logit_std: float = 1.0,
+                 mode_scale: float = 1.29, shift: float = 1.0, device: torch.device | str = "cpu",
+                 generator: torch.Generator | None = None) -> Tensor:
+    """Training noise levels (n,) in (0, 1), SD3 report section 3.1; then the shift.
+
+    logit_normal: sigma = sigmoid(N(logit_mean, logit_std)); uniform: U(0, 1);
+    mode: u - mode_scale * (cos(pi u / 2)^2 - 1 + u) (heavier in the middle for mode_scale > 0).
+    """
+    if sampling == "logit_normal":
+        u = torch.sigmoid(logit_mean + logit_std * torch.randn(n, generator=generator))
+    elif sampling == "uniform":
+        u = torch.rand(n, generator=generator)
+    elif sampling == "mode":
+        u = torch.rand(n, generator=generator)
+        u = 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    else:
+        raise ConfigError(f"unknown timestep_sampling '{sampling}'; choose from {', '.join(TIMESTEP_SAMPLINGS)}")
+    return shift_sigma(u, shift).to(device)
+
+
+def loss_weight(sigma: Tensor, weighting: str = "none") -> Tensor:
+    """Per-sample loss weights as in diffusers' SD3 training script (`weighting_scheme`)."""
+    if weighting == "none":
+        return torch.ones_like(sigma)
+    if weighting == "sigma_sqrt":
+        return sigma.clamp(min=1e-4) ** -2.0
+    if weighting == "cosmap":
+        return 2 / (math.pi * (1 - 2 * sigma + 2 * sigma**2))
+    raise ConfigError(f"unknown loss_weighting '{weighting}'; choose from {', '.join(LOSS_WEIGHTINGS)}")
+
+
+def flow_sigmas(steps: int, shift: float = 1.0, timesteps: int = 1000) -> list[float]:
+    """Sampling noise levels, steps + 1 values from 1 down to 0, equal to diffusers'
+    `FlowMatchEulerDiscreteScheduler(num_train_timesteps, shift).set_timesteps(steps).sigmas`.
+
+    diffusers spaces the steps linearly between its (already shifted) training sigmas 1 and
+    shift(1 / timesteps) and then shifts them again; this reproduces that, float32 included.
+    """
+    if steps < 1:
+        raise ConfigError(f"sample.steps={steps} must be at least 1")
+    s_min = float(shift_sigma(torch.tensor(1.0, dtype=torch.float32) / timesteps, shift))  # float32, as diffusers
+    lin = torch.linspace(timesteps * 1.0, timesteps * s_min, steps, dtype=torch.float64) / timesteps
+    return shift_sigma(lin, shift).float().tolist() + [0.0]
+
+
+def _bcast(sigma: Tensor, like: Tensor) -> Tensor:
+    return sigma.to(like.device, like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+
+class FlowMatching:
+    """Rectified flow with v-prediction: what training and sampling need (see `GaussianDiffusion`).
+
+    The process's t is sigma itself (float, (B,)); `sample_t` draws it, `loss` gives
+    per-sample MSE(v_pred, eps - x0), `denoiser` wraps a v-model as (x_t, sigma) -> (x0, eps).
+    """
+
+    name = "flow"
+    discrete = False  # continuous sigma in [0, 1]
+
+    def __init__(self, timesteps: int = 1000, sampling: str = "logit_normal", *, logit_mean: float = 0.0,
+                 logit_std: float = 1.0, mode_scale: float = 1.29, shift: float = 1.0, weighting: str = "none"):
+        if sampling not in TIMESTEP_SAMPLINGS:
+            raise ConfigError(f"unknown timestep_sampling '{sampling}'; choose from {', '.join(TIMESTEP_SAMPLINGS)}")
+        if weighting not in LOSS_WEIGHTINGS:
+            raise ConfigError(f"unknown loss_weighting '{weighting}'; choose from {', '.join(LOSS_WEIGHTINGS)}")
+        if shift <= 0:
+            raise ConfigError(f"diffusion.shift must be positive, got {shift}")
+        self.timesteps, self.sampling, self.shift, self.weighting = timesteps, sampling, shift, weighting
+        self.logit_mean, self.logit_std, self.mode_scale = logit_mean, logit_std, mode_scale
+
+    def model_time(self, sigma: Tensor) -> Tensor:
+        """The t the model sees: sigma * timesteps (diffusers / SD3)."""
+        return sigma * self.timesteps
+
+    def sample_t(self, n: int, device: torch.device | str = "cpu") -> Tensor:
+        """Training noise levels sigma (B,)."""
+        return sample_sigma(n, self.sampling, logit_mean=self.logit_mean, logit_std=self.logit_std,
+                            mode_scale=self.mode_scale, shift=self.shift, device=device)
+
+    def loss(self, model: ModelFn, x0: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:
+        """Per-sample weighted MSE between v_pred and the target eps - x0, shape (B,)."""
+        eps = torch.randn_like(x0) if noise is None else noise
+        s = _bcast(t, x0)
+        x_t = (1 - s) * x0 + s * eps
+        v = model(x_t, self.model_time(t))
+        mse = (v.float() - (eps - x0).float()).pow(2).flatten(1).mean(1)
+        return mse * loss_weight(t.float(), self.weighting)
+
+    def sigmas(self, steps: int) -> list[float]:
+        """The sampling noise levels, diffusers' FlowMatchEulerDiscreteScheduler with this shift."""
+        return flow_sigmas(steps, self.shift, self.timesteps)
+
+    def denoiser(self, model: ModelFn, clip_x0: bool = False) -> Denoiser:
+        """`denoise(x_t, sigma) -> (x0_pred, eps_pred)` from v: x0 = x_t - sigma v, eps = x_t + (1 - sigma) v.
+
+        `clip_x0` is not applied: flow data may be normalised beyond [-1, 1].
+        """
+
+        def denoise(x_t: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+            v = model(x_t, self.model_time(sigma)).float()
+            s = _bcast(sigma, v)
+            return x_t - s * v, x_t + (1 - s) * v
+
+        return denoise

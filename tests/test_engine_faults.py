@@ -1,0 +1,138 @@
+"""Faults: signals, kill -9, non-finite losses, failed writes, pruning, corrupt checkpoints."""
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import pytest
+import torch
+
+from difftrain import checkpoint as ckpt
+from difftrain.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, newest_valid_checkpoint, prune_checkpoints
+from difftrain.training import TrainingError
+from tests.test_engine_resume import SMALL, final_state, make_trainer, one_thread  # noqa: F401 (autouse fixture)
+
+
+def start_training(run_dir, *extra) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    args = [sys.executable, "-m", "difftrain", "train", "digits", f"run_dir={run_dir}", *SMALL, *extra]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for(predicate, timeout=120.0):
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)], ids=["SIGTERM", "SIGINT"])
+def test_signal_finishes_the_step_checkpoints_and_exits_0(tmp_path, sig):
+    proc = start_training(tmp_path, "train.steps=100000", "train.log_every=1")
+    metrics = tmp_path / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert f"{sig.name} at step" in err and "Resume with the same command" in err
+    step = int(err.split(f"{sig.name} at step ")[1].split(":")[0])
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == [f"step-{step:07d}.pt"]
+    assert load_checkpoint(tmp_path / "checkpoints" / f"step-{step:07d}.pt")["step"] == step
+    # The same config, with a reachable step count, continues from there.
+    tr = make_trainer(tmp_path, f"train.steps={step + 2}")
+    tr.run()
+    assert final_state(tmp_path)["step"] == step + 2 and tr.emas[0].updates == step + 2
+
+
+@pytest.mark.slow
+def test_repeated_kill_9_then_resume_always_completes(tmp_path):
+    rng = random.Random(0)
+    steps = 300
+    args = (f"train.steps={steps}", "train.checkpoint_every=1", "train.keep_checkpoints=2")
+    reached = []
+    for _ in range(4):
+        proc = start_training(tmp_path, *args)
+        # Let it get past start-up, then kill it at a random moment (often mid-way through a checkpoint write).
+        before = len(reached) and reached[-1]
+        wait_for(lambda: proc.poll() is not None or ((found := list_checkpoints(tmp_path / "checkpoints"))
+                                                     and ckpt.checkpoint_step(found[-1]) > before))
+        time.sleep(rng.uniform(0.0, 1.0))
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.kill()
+        proc.wait()
+        _, state = newest_valid_checkpoint(tmp_path / "checkpoints")
+        reached.append(state["step"])
+    assert reached == sorted(reached) and reached[-1] < steps
+    proc = start_training(tmp_path, *args)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert final_state(tmp_path)["step"] == steps and (tmp_path / "weights-ema.safetensors").is_file()
+    assert not list((tmp_path / "checkpoints").glob(".*.tmp-*"))  # writes cut short are cleaned up
+
+
+def test_nonfinite_losses_stop_after_k_in_a_row_naming_the_step(tmp_path):
+    tr = make_trainer(tmp_path, "train.steps=20", "train.max_nonfinite=3", "train.checkpoint_every=2")
+    batch = tr.stream.next
+
+    def next_batch():
+        x, y = batch()
+        return (x * float("nan") if tr.step >= 4 else x), y
+
+    tr.stream.next = next_batch
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(TrainingError, match=r"3 steps in a row \(last at step 7\)"):
+            tr.run()
+    path, state = newest_valid_checkpoint(tmp_path / "checkpoints")
+    assert state["step"] == 6 and state["counters"]["skipped"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_full_disk_on_save_is_a_clear_error_and_keeps_earlier_checkpoints(tmp_path, monkeypatch):
+    tr = make_trainer(tmp_path, "train.steps=6", "train.checkpoint_every=2")
+    real_save = torch.save
+
+    def save(obj, f):
+        if obj["step"] >= 4:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, f)
+
+    monkeypatch.setattr(ckpt.torch, "save", save)
+    with pytest.raises(CheckpointError, match=r"step-0000004.pt.*No space left on device.*files written before are intact"):
+        tr.run()
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-0000002.pt"]
+    assert load_checkpoint(tmp_path / "checkpoints" / "step-0000002.pt")["step"] == 2
+    assert not list((tmp_path / "checkpoints").glob(".*"))
+
+
+def test_unwritable_run_directory_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(CheckpointError, match="cannot create run directory"):
+        make_trainer(blocker / "run", "train.steps=2").run()
+
+
+def test_keep_last_k_plus_milestones(tmp_path):
+    for step in range(1, 11):
+        (tmp_path / f"step-{step:07d}.pt").write_bytes(b"x")
+    prune_checkpoints(tmp_path, keep=2, milestone_every=4)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000004.pt", "step-0000008.pt", "step-0000009.pt",
+                                                             "step-0000010.pt"]
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
+    make_trainer(tmp_path, "train.steps=4", "train.checkpoint_every=2").run()
+    newest = tmp_path / "checkpoints" / "step-0000004.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    (tmp_path / "checkpoints" / ".step-0000005.pt.tmp-999999").write_bytes(b"left by a killed writer")
+    tr = make_trainer(tmp_path, "train.steps=5", "train.checkpoint_every=2")
+    with pytest.warns(UserWarning, match="step-0000004.pt"):
+        tr.resume()
+    assert tr.step == 2 and not list((tmp_path / "checkpoints").glob(".*"))

@@ -1,0 +1,112 @@
+"""Exact resume: N steps, stop, resume for M more == one uninterrupted N+M run, bitwise, on CPU."""
+
+import os
+import signal
+
+import pytest
+import torch
+
+from difftrain.checkpoint import list_checkpoints, load_checkpoint
+from difftrain.config import load_config
+from difftrain.training import Trainer
+from difftrain.training.metrics import read_metrics
+from tests.conftest import TINY
+
+# Smaller than TINY: a few ms per step even on a busy CPU.
+SMALL = [*TINY, "model.model_channels=8", "train.batch_size=8", "sample.steps=2", "train.sample_every=0",
+         "train.checkpoint_every=0", "train.log_every=3", "train.ema_rates=[0.9,0.5]"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two OpenMP threads on a CPU shared with other jobs can be 100x slower; results do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_trainer(run_dir, *extra) -> Trainer:
+    return Trainer(load_config("digits", [f"run_dir={run_dir}", *SMALL, *extra]))
+
+
+def stop_after(trainer: Trainer, step: int) -> None:
+    """Send this process SIGTERM during step `step`, as a cluster scheduler would."""
+    inner = trainer.train_step
+
+    def train_step(lr):
+        if trainer.step == step - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return inner(lr)
+
+    trainer.train_step = train_step
+
+
+def final_state(run_dir):
+    return load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1])
+
+
+def metrics_without_speed(run_dir):
+    return [{k: v for k, v in row.items() if k != "images_per_s"} for row in read_metrics(run_dir)]
+
+
+def assert_tensors_equal(a, b, where="state"):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{where}: keys {sorted(a)} vs {sorted(b)}"
+        for k in a:
+            assert_tensors_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_tensors_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} vs {b!r}"
+
+
+@pytest.mark.parametrize("extra", [
+    pytest.param([], id="uniform"),
+    pytest.param(["train.timestep_sampler=loss-second-moment", "diffusion.timesteps=4", "train.microbatch=3",
+                  "train.ema_start=4"], id="loss-second-moment+microbatch"),
+])
+def test_stop_and_resume_is_bitwise_identical(tmp_path, extra):
+    steps, stop = 12, 7  # the stop falls inside a log window: the window's partial sums are restored too
+    whole = make_trainer(tmp_path / "whole", f"train.steps={steps}", *extra)
+    whole.run()
+
+    first = make_trainer(tmp_path / "split", f"train.steps={steps}", *extra)
+    stop_after(first, stop)
+    first.run()
+    assert first.step == stop and [p.name for p in list_checkpoints(tmp_path / "split" / "checkpoints")] == ["step-0000007.pt"]
+    second = make_trainer(tmp_path / "split", f"train.steps={steps}", *extra)
+    second.run()
+
+    a, b = final_state(tmp_path / "whole"), final_state(tmp_path / "split")
+    assert a["step"] == b["step"] == steps
+    for key in ("model", "emas", "optimizer", "timestep_sampler", "data", "rng", "counters", "scaler"):
+        assert_tensors_equal(a[key], b[key], key)
+    assert [e["rate"] for e in a["emas"]] == [0.9, 0.5]
+    assert metrics_without_speed(tmp_path / "whole") == metrics_without_speed(tmp_path / "split")
+    if extra:  # the loss-second-moment history filled up, so importance sampling was in use
+        assert int(a["timestep_sampler"]["seen"].min()) >= 10
+
+
+def test_checkpoint_holds_everything_to_resume(tmp_path):
+    make_trainer(tmp_path, "train.steps=3", "train.timestep_sampler=loss-second-moment").run()
+    state = final_state(tmp_path)
+    assert set(state) >= {"config", "model", "ema", "emas", "optimizer", "scaler", "step", "timestep_sampler", "rng",
+                          "data", "counters", "log_window", "class_names"}
+    assert set(state["rng"]) >= {"python", "numpy", "torch"}
+    assert state["timestep_sampler"]["name"] == "loss-second-moment" and int(state["timestep_sampler"]["seen"].sum()) == 24
+    assert state["ema"]["rate"] == 0.9 and state["ema"]["weights"].keys() == state["model"].keys()
+    # The default EMA is stored once: "ema" is the same object as emas[0] in the file.
+    assert state["ema"] is state["emas"][0]
+
+def test_resume_with_a_new_ema_rate_starts_it_from_the_raw_weights(tmp_path):
+    make_trainer(tmp_path, "train.steps=3").run()
+    with pytest.warns(UserWarning, match="no EMA of rate 0.99"):
+        tr = make_trainer(tmp_path, "train.steps=6", "train.ema_rates=[0.9,0.99]")
+        tr.resume()
+    assert all(torch.equal(a, b) for a, b in zip(tr.emas[1].model.state_dict().values(), tr.model.state_dict().values()))
+    assert tr.emas[0].updates == 3

@@ -1,0 +1,35 @@
+"""`difftrain sample` with the new options and `difftrain eval --nll`, on the tiny run of conftest."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from tests.conftest import run_cli
+
+
+@pytest.mark.slow
+def test_sample_options_and_trajectory(tiny_run, tmp_path):
+    gif, strip, out = tmp_path / "t.gif", tmp_path / "t.png", tmp_path / "g.png"
+    proc = run_cli("sample", str(tiny_run), "--n", "6", "--batch-size", "4", "--sampler", "dpmpp-2m", "--steps", "5",
+                   "--spacing", "karras", "--guidance-interval", "0.1,0.7", "--classes", "1-3", "--ema", "raw",
+                   "--device", "cpu", "--trajectory", str(gif), "--out", str(out))
+    assert "denoising trajectory (gif" in proc.stdout
+    assert Image.open(gif).n_frames >= 5 and Image.open(out).size[0] > 0
+    run_cli("sample", str(tiny_run), "--n", "3", "--sampler", "ddpm", "--respacing", "ddim10", "--quiet",
+            "--trajectory", str(strip), "--trajectory-frames", "4", "--out", str(out))
+    w, h = Image.open(strip).size
+    assert w > h  # 3 rows of 4 frames
+    bad = run_cli("sample", str(tiny_run), "--guidance-interval", "0.9,0.1", check=False)
+    assert bad.returncode == 2 and "--guidance-interval" in bad.stderr
+    bad = run_cli("sample", str(tiny_run), "--sampler", "dpm", check=False)
+    assert bad.returncode == 2 and "dpmpp-2m" in bad.stderr  # argparse lists the registry's names
+
+
+@pytest.mark.slow
+def test_eval_nll_reports_bits_per_dim(tiny_run, tmp_path):
+    out = tmp_path / "nll.json"
+    proc = run_cli("eval", "--nll", str(tiny_run), "--n", "4", "--quiet", "--json", str(out))
+    assert "bits/dim" in proc.stdout
+    r = json.loads(out.read_text())
+    assert r["n"] == 4 and r["timesteps"] == 1000 and 0 < r["bits_per_dim"] < 100 and r["conditional"]
