@@ -340,10 +340,11 @@ class Trainer:
 
     def write_grid(self, path: Path, log: MetricsLog | None = None, model: torch.nn.Module | None = None,
                    tag: str = "samples/ema") -> Path:
-        """Grid with the recipe's sampler (EMA weights by default): one row per class (10 per row)."""
+        """Grid with the recipe's sampler (EMA weights by default): one row per class, for up to 26 classes
+        (10 per row up to 10 classes, 5 beyond, e.g. letters A-Z); 8x8 when unconditional."""
         num_classes = self.cfg.model.num_classes or 0
-        rows = min(num_classes, 10) if num_classes else 8
-        cols = 10 if num_classes else 8
+        rows = min(num_classes, 26) if num_classes else 8
+        cols = 10 if 0 < num_classes <= 10 else (5 if num_classes else 8)
         labels = cycled_labels(rows * cols, num_classes, list(range(rows)))
         images = generate(model or self.ema.model, self.cfg, rows * cols, labels=labels, seed=self.cfg.train.seed)
         write_grid(images, labels, path)
