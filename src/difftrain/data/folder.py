@@ -59,16 +59,22 @@ def read_image(path: Path, image_size: int, channels: int) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def load_folder_splits(path: str | None, image_size: int, channels: int | None = None, *, class_from: str = "auto",
-                       test_fraction: float = 0.0, split_seed: int = 0, strict: bool = False) -> Splits:
-    if not path:
-        raise DataError("data.name=folder needs data.path=/path/to/images")
+def find_images(path: str | Path) -> tuple[Path, list[Path]]:
+    """(root, image files under it, sorted), or a DataError naming the folder."""
     root = Path(path).expanduser()
     if not root.is_dir():
         raise DataError(f"image folder '{root}' does not exist or is not a folder")
     files = list_images(root)
     if not files:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under '{root}'")
+    return root, files
+
+
+def load_folder_splits(path: str | None, image_size: int, channels: int | None = None, *, class_from: str = "auto",
+                       test_fraction: float = 0.0, split_seed: int = 0, strict: bool = False) -> Splits:
+    if not path:
+        raise DataError("data.name=folder needs data.path=/path/to/images")
+    root, files = find_images(path)
     channels = channels or 3
     source = resolve_class_source(files, root, class_from)
 

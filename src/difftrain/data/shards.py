@@ -35,7 +35,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from difftrain.data.folder import DataError, class_of, list_images, read_image, resolve_class_source
+from difftrain.data.folder import DataError, class_of, find_images, read_image, resolve_class_source
 from difftrain.data.memory import ImageSet, to_model_range
 
 INDEX_NAME = "shards.json"
@@ -74,12 +74,7 @@ def write_shards(folder: str | Path, out: str | Path, shard_size: int, *, image_
     """
     if shard_size <= 0:
         raise DataError(f"--shard-size must be positive, got {shard_size}")
-    root = Path(folder).expanduser()
-    if not root.is_dir():
-        raise DataError(f"image folder '{root}' does not exist or is not a folder")
-    files = list_images(root)
-    if not files:
-        raise DataError(f"no images found under '{root}'")
+    root, files = find_images(folder)
     source = resolve_class_source(files, root, class_from)
     names = [class_of(f, root, source) for f in files]
     classes = sorted(set(names)) if source != "none" else []
