@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 # A tiny version of the digits recipe: trains in seconds on a CPU.
 TINY = [
@@ -20,6 +21,17 @@ def run_cli(*args: str, check: bool = True, cwd: Path | None = None, timeout: fl
     if check and proc.returncode != 0:
         raise AssertionError(f"difftrain {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread: tiny models are fastest so, and on a CPU shared with other jobs two
+    OpenMP threads can be 50-100x slower. Results do not depend on it. Opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

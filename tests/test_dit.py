@@ -9,13 +9,7 @@ from difftrain.models.dit import DIT_PRESETS, SIZES, DiT, apply_rope, grid_posit
 from difftrain.processes import build_process
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a shared, loaded CPU two threads can be 50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**kw) -> DiT:

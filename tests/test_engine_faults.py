@@ -15,7 +15,9 @@ import torch
 from difftrain import checkpoint as ckpt
 from difftrain.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, newest_valid_checkpoint, prune_checkpoints
 from difftrain.training import TrainingError
-from tests.test_engine_resume import SMALL, final_state, make_trainer, one_thread  # noqa: F401 (autouse fixture)
+from tests.test_engine_resume import SMALL, final_state, make_trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def start_training(run_dir, *extra) -> subprocess.Popen:

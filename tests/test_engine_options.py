@@ -12,7 +12,9 @@ from difftrain.config import ConfigError, load_config
 from difftrain.generation import load_run
 from difftrain.training import EMA, LossSecondMoment, build_timestep_sampler, lr_at
 from difftrain.training.metrics import read_metrics
-from tests.test_engine_resume import final_state, make_trainer, one_thread  # noqa: F401 (autouse fixture)
+from tests.test_engine_resume import final_state, make_trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- micro-batches -------------------------------------------------------------------

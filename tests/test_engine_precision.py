@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from difftrain.training.metrics import read_metrics
-from tests.test_engine_resume import final_state, make_trainer, one_thread  # noqa: F401 (autouse fixture)
+from tests.test_engine_resume import final_state, make_trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="mixed precision needs CUDA")
 

@@ -17,13 +17,7 @@ SMALL = [*TINY, "model.model_channels=8", "train.batch_size=8", "sample.steps=2"
          "train.checkpoint_every=0", "train.log_every=3", "train.ema_rates=[0.9,0.5]"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two OpenMP threads on a CPU shared with other jobs can be 100x slower; results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_trainer(run_dir, *extra) -> Trainer:

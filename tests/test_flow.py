@@ -10,13 +10,7 @@ from difftrain.processes import FlowMatching, build_process, flow_sigmas, sample
 from difftrain.samplers import guided, run_sampler, sample_euler, sample_heun
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a shared, loaded CPU two threads can be 50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy_velocity(x, t):
