@@ -27,5 +27,12 @@ test: $(VENV)/.installed-dev
 test-all: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -m ""
 
+# Benchmarks with their default settings (about 25 min on 2 idle cores), then the README "Performance" table.
+bench: $(VENV)/.installed-dev
+	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/sample_throughput.py
+	$(BIN)/python bench/quality_per_minute.py
+	$(BIN)/python bench/report.py
+
 clean:
 	rm -rf runs build src/*.egg-info .pytest_cache

@@ -28,32 +28,16 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, cpu_name  # noqa: E402
+from common import trainer as build  # noqa: E402
+
 VARIANTS = {
     "baseline": [],
     "channels_last": ["train.channels_last=true"],
     "compile": ["train.compile=true"],
     "compile+channels_last": ["train.compile=true", "train.channels_last=true"],
 }
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def build(recipe: str, overrides: list[str], run_dir: Path):
-    from difftrain.config import load_config
-    from difftrain.training import Trainer
-
-    cfg = load_config(recipe, [f"run_dir={run_dir}", "train.progress=false", "train.tensorboard=false",
-                               "train.device=cpu", *overrides])
-    return Trainer(cfg)
 
 
 def time_steps(trainer, steps: int) -> tuple[float, float]:
