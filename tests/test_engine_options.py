@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _fixed_noise(trainer):
     """Noise as a function of each sample alone, so it does not depend on how the batch is split."""
     loss = trainer.process.loss
-    trainer.process.loss = lambda fn, x0, t: loss(fn, x0, t, noise=torch.sin(37 * x0 + t.view(-1, 1, 1, 1)))
+    trainer.process.loss = lambda fn, x0, t, noise=None: loss(fn, x0, t, noise=torch.sin(37 * x0 + t.view(-1, 1, 1, 1)))
 
 
 def test_microbatches_give_the_full_batch_gradient(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -43,10 +44,39 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(cfg.to_yaml(), end="")
         return 0
-    from difftrain.training import train
+    from difftrain.training import distributed, train
 
-    train(cfg)
+    if distributed.under_torchrun():
+        # torchrun's error summary then shows the failing rank's exception and message.
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        record(train)(cfg)
+    elif cfg.train.devices > 1:
+        return run_torchrun(cfg.train.devices, args)
+    else:
+        train(cfg)
     return 0
+
+
+def run_torchrun(nproc: int, args: argparse.Namespace) -> int:
+    """`difftrain train ... train.devices=N`: start torchrun with N processes on this machine running the same
+    command, and return its exit status. SIGTERM is passed on (torchrun hands it to every rank)."""
+    import signal
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "difftrain", "train", args.recipe, *args.overrides]
+    print(f"difftrain: train.devices={nproc}: {' '.join(cmd[1:])}", file=sys.stderr)
+    proc = subprocess.Popen(cmd)
+    old = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
+    try:
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:  # Ctrl-C reached torchrun and its workers too: wait for their checkpoint
+                continue
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -230,6 +260,8 @@ def _eval_nll(args: argparse.Namespace) -> int:
     process = build_process(run.cfg.diffusion)
     if not isinstance(process, GaussianDiffusion):
         raise EvaluationError(f"--nll needs a Gaussian (ddpm) process, not '{run.cfg.diffusion.process}'")
+    if run.cfg.latent.first_stage:
+        raise EvaluationError("--nll scores pixel-space runs; this run models first-stage latents (latent.first_stage)")
     test = load_data(run.cfg.data).test
     if test is None or not len(test):
         raise EvaluationError("the run's data set has no test split")
@@ -335,7 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except _error_types() as e:
-        print(f"difftrain: error: {e}", file=sys.stderr)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = f" (rank {os.environ.get('RANK')} of {world})" if world > 1 else ""
+        print(f"difftrain: error{rank}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -132,6 +132,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     resume: str = "auto"  # auto | none | path to a checkpoint
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    devices: int = 1  # > 1: `difftrain train` starts torchrun with this many processes on this machine (batch_size is per process)
     tensorboard: bool = True
     wandb: str = "none"  # none | online | offline (Weights & Biases; needs the wandb package)
     progress: bool = True
@@ -154,6 +155,50 @@ class SampleConfig:
 
 
 @dataclass
+class AutoencoderConfig:
+    """First stage of latent diffusion (LDM / taming names). kind=none: the run trains a diffusion model."""
+
+    kind: str = "none"  # none | vq | kl: vq / kl make the run train this autoencoder instead of a diffusion model
+    ch: int = 128
+    ch_mult: list[int] = field(default_factory=lambda: [1, 2, 4])  # downsampling factor f = 2 ** (len - 1)
+    num_res_blocks: int = 2
+    attn_resolutions: list[int] = field(default_factory=list)  # feature-map sides with self-attention (LDM convention)
+    dropout: float = 0.0
+    z_channels: int = 3
+    embed_dim: int = 3  # latent channels (after quant_conv)
+    resolution: int | None = None  # null: data.image_size (must equal it)
+    n_embed: int = 8192  # vq: codebook entries
+    beta: float = 0.25  # vq: commitment weight
+    codebook: str = "straight_through"  # straight_through (codebook loss) | ema (VQ-VAE-2 codebook updates)
+    ema_decay: float = 0.99  # codebook=ema
+    restart_every: int = 0  # vq: every N steps re-initialise codes unused since the last check from batch encodings; 0: never
+    codebook_weight: float = 1.0
+    kl_weight: float = 1.0e-6  # kl
+    rec_loss: str = "l1"  # l1 | l2
+    lpips_weight: float = 0.0  # > 0 needs the lpips package and its VGG weights on disk (never downloaded)
+    lpips_required: bool = True  # false: warn once and train without LPIPS when its weights are missing
+    disc_weight: float = 0.0  # patch-GAN generator loss weight (times taming's adaptive weight); 0: no discriminator
+    disc_start: int = 0  # step at which the discriminator and its loss switch on
+    disc_layers: int = 3
+    disc_channels: int = 64
+    disc_lr: float | None = None  # null: the generator's learning rate
+    adaptive_weight: bool = True  # taming/LDM: scale the GAN loss by |grad rec| / |grad gan| at the decoder's last layer
+
+
+@dataclass
+class LatentConfig:
+    """Latent diffusion: train the diffusion model on a first stage's latents and decode its samples."""
+
+    first_stage: str | None = None  # difftrain autoencoder run dir, or a diffusers AutoencoderKL / VQModel directory
+    first_stage_weights: str = "raw"  # difftrain runs: raw | ema
+    scale_factor: float | None = None  # null: 1 / std of the training latents (LDM scale_by_std), stored with the run
+    posterior: str = "mode"  # kl first stages: mode | sample (one draw, fixed when cached)
+    cache: bool = False  # encode the data set once to a file and train from it
+    cache_path: str | None = None  # null: $DIFFTRAIN_CACHE/latents/KEY.pt, KEY from the first stage and data config
+    encode_batch_size: int = 64
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     recipe: str = ""  # the recipe this config was built from (informational)
@@ -163,6 +208,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

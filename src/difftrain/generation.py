@@ -20,6 +20,7 @@ from difftrain.checkpoint import (
 )
 from difftrain.config import Config, ConfigError, config_from_dict
 from difftrain.data.memory import to_uint8
+from difftrain.latent import decoder_for
 from difftrain.models import build_model
 from difftrain.processes import build_process
 from difftrain.samplers import PerSampleNoise, guided, run_sampler, sampler_steps
@@ -59,6 +60,9 @@ def load_run(path: str | Path, *, weights: str = "ema", device: str | torch.devi
     else:
         source, state = path, load_checkpoint(path)
     cfg = config_from_dict(state["config"])
+    if cfg.autoencoder.kind != "none":
+        raise ConfigError(f"'{path}' is an autoencoder run (autoencoder.kind={cfg.autoencoder.kind}): it reconstructs, "
+                          f"it does not sample; name it as latent.first_stage of a latent diffusion recipe")
     model = build_model(cfg.model)
     load_model_state(model, select_weights(state, weights, str(source)), str(source))
     model.to(resolve_device(str(device)) if isinstance(device, str) else device).eval()
@@ -94,6 +98,7 @@ def generate(model: nn.Module, cfg: Config, n: int, *, labels: Tensor | None = N
     batch_size = batch_size or sc.batch_size
     process = build_process(cfg.diffusion)
     device = next(model.parameters()).device
+    decode = decoder_for(cfg, device)  # latent diffusion: latents -> images through the first stage; else None
     shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
     num_classes = cfg.model.num_classes or 0
     if labels is not None and num_classes and int(labels.max()) >= num_classes:
@@ -113,11 +118,11 @@ def generate(model: nn.Module, cfg: Config, n: int, *, labels: Tensor | None = N
                           timesteps=cfg.diffusion.timesteps,
                           guided_channels=cfg.model.in_channels if cfg.diffusion.learn_sigma else None)
         if trajectory is not None:
-            model_fn = _recording(model_fn, batch_frames := [], cfg)
+            model_fn = _recording(model_fn, batch_frames := [], cfg, decode)
             frames.append(batch_frames)
         x = run_sampler(process, sampler, model_fn, x, steps=steps, spacing=sc.spacing, respacing=sc.respacing,
                         clip_x0=sc.clip_x0, eta=eta, variance=sc.variance, noise=noise.randn_like, progress=bar.update)
-        out.append(to_uint8(_to_data_range(x, cfg)).cpu())
+        out.append(to_uint8(_to_data_range(x, cfg) if decode is None else decode(x)).cpu())
     bar.close()
     images = torch.cat(out)
     if trajectory is not None:
@@ -132,11 +137,11 @@ def _to_data_range(x: Tensor, cfg: Config) -> Tensor:
     return x
 
 
-def _recording(model_fn, frames: list[Tensor], cfg: Config):
-    """model_fn that also keeps its input x_t as uint8 images."""
+def _recording(model_fn, frames: list[Tensor], cfg: Config, decode=None):
+    """model_fn that also keeps its input x_t as uint8 images (decoded from latents with `decode`)."""
 
     def fn(x: Tensor, t: Tensor) -> Tensor:
-        frames.append(to_uint8(_to_data_range(x, cfg)).cpu())
+        frames.append(to_uint8(_to_data_range(x, cfg) if decode is None else decode(x)).cpu())
         return model_fn(x, t)
 
     return fn

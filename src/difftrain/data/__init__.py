@@ -53,6 +53,9 @@ def _cifar100(cfg: DataConfig) -> Splits:
 @DATASETS.register("celebahq")
 def _celebahq(cfg: DataConfig) -> Splits:
     """CelebA-HQ as an image folder (e.g. the 30k PNGs/JPGs at 256 or 1024 px), unlabelled."""
+    if not cfg.path:
+        raise DataError("data.name=celebahq needs data.path=/path/to/celebahq: a folder of the CelebA-HQ images "
+                        "(e.g. the 30k 256x256 PNGs); difftrain does not download it")
     return load_folder_splits(cfg.path, cfg.image_size, cfg.channels, class_from="none",
                               test_fraction=cfg.test_fraction, split_seed=cfg.split_seed, strict=cfg.strict)
 

@@ -16,11 +16,17 @@ class ImageSet:
     labels: Tensor
     class_names: list[str] = field(default_factory=list)
 
+    kind, expected = "images", "uint8 (N, C, H, W)"  # for messages
+
     def __post_init__(self):
-        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+        if not self.valid_dtype(self.images.dtype) or self.images.dim() != 4:
+            raise ValueError(f"{self.kind} must be {self.expected}, got {self.images.dtype} {tuple(self.images.shape)}")
         if len(self.labels) != len(self.images):
-            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+            raise ValueError(f"{len(self.images)} {self.kind} but {len(self.labels)} labels")
+
+    @staticmethod
+    def valid_dtype(dtype: torch.dtype) -> bool:
+        return dtype == torch.uint8
 
     def __len__(self) -> int:
         return len(self.images)
@@ -61,7 +67,9 @@ class Splits:
 
 
 def to_model_range(images: Tensor) -> Tensor:
-    """uint8 [0, 255] -> float [-1, 1]."""
+    """uint8 [0, 255] -> float [-1, 1]; float tensors (latent data sets) pass through as float32."""
+    if images.is_floating_point():
+        return images.float()
     return images.float().div_(127.5).sub_(1)
 
 

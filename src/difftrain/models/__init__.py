@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from difftrain.config import ConfigError, ModelConfig
+from difftrain.config import AutoencoderConfig, ConfigError, ModelConfig
+from difftrain.models.autoencoder import KLAutoencoder, PatchDiscriminator, VQAutoencoder
 from difftrain.models.ddpm_unet import PRESETS as DDPM_UNET_PRESETS
 from difftrain.models.ddpm_unet import DDPMUNet
 from difftrain.models.dit import DIT_PRESETS, DiT
@@ -67,4 +68,38 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         raise ConfigError(f"model: {e}") from None
 
 
-__all__ = ["MODELS", "DDPMUNet", "DiT", "UNet", "build_model"]
+# First-stage autoencoders of latent diffusion: autoencoder.kind -> factory(cfg, image channels).
+AUTOENCODERS: Registry = Registry("autoencoder kind")
+
+
+def _ae_options(cfg: AutoencoderConfig, channels: int) -> dict:
+    if cfg.resolution is None:
+        raise ConfigError("autoencoder.resolution is not set (it is normally filled from data.image_size)")
+    return dict(in_channels=channels, ch=cfg.ch, ch_mult=tuple(cfg.ch_mult), num_res_blocks=cfg.num_res_blocks,
+                attn_resolutions=tuple(cfg.attn_resolutions), resolution=cfg.resolution, z_channels=cfg.z_channels,
+                embed_dim=cfg.embed_dim, dropout=cfg.dropout)
+
+
+@AUTOENCODERS.register("vq")
+def vq_autoencoder(cfg: AutoencoderConfig, channels: int) -> nn.Module:
+    return VQAutoencoder(n_embed=cfg.n_embed, beta=cfg.beta, codebook=cfg.codebook, ema_decay=cfg.ema_decay,
+                         **_ae_options(cfg, channels))
+
+
+@AUTOENCODERS.register("kl")
+def kl_autoencoder(cfg: AutoencoderConfig, channels: int) -> nn.Module:
+    return KLAutoencoder(**_ae_options(cfg, channels))
+
+
+def build_autoencoder(cfg: AutoencoderConfig, channels: int) -> nn.Module:
+    """The first-stage autoencoder named by `cfg.kind` for images of `channels` channels."""
+    try:
+        return AUTOENCODERS[cfg.kind](cfg, channels)
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"autoencoder: {e}") from None
+
+
+__all__ = ["AUTOENCODERS", "MODELS", "DDPMUNet", "DiT", "KLAutoencoder", "PatchDiscriminator", "UNet", "VQAutoencoder",
+           "build_autoencoder", "build_model"]

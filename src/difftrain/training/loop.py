@@ -31,6 +31,7 @@ from difftrain.data.memory import to_model_range
 from difftrain.generation import cycled_labels, generate, resolve_device, write_grid
 from difftrain.models import build_model
 from difftrain.processes import build_process
+from difftrain.training import distributed
 from difftrain.training.ema import EMA, ema_label
 from difftrain.training.metrics import LossWindow, MetricsLog
 from difftrain.training.options import PRECISIONS, check_train_config, resolve_config
@@ -53,8 +54,14 @@ class Trainer:
         t = cfg.train
         self.device = resolve_device(t.device)
         check_train_config(cfg, self.device)
+        # Under torchrun: join the process group; a CUDA rank takes cuda:LOCAL_RANK. Alone: World() of size 1.
+        self.world, self.device = distributed.setup(self.device)
         seed_everything(t.seed)
         self.data = load_data(cfg.data)
+        if cfg.latent.first_stage:  # latent diffusion: train on the first stage's latents of the data set
+            from difftrain.latent import latent_splits
+
+            self.data = latent_splits(cfg, self.data, self.device)
         resolve_config(cfg, self.data)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -66,16 +73,27 @@ class Trainer:
         self.emas = [EMA(self.model, rate, t.ema_warmup, t.ema_start) for rate in t.ema_rates]
         self.ema = self.emas[0]  # the default for sampling
         # The fused AdamW kernel (CPU and CUDA) is about 10% faster per step here than foreach.
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=base_lr(cfg), betas=tuple(t.betas),
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=base_lr(cfg, self.world.size), betas=tuple(t.betas),
                                      weight_decay=t.weight_decay, fused=self.device.type in ("cpu", "cuda"))
         self.amp_dtype = PRECISIONS[t.precision]
         self.scaler = torch.amp.GradScaler("cuda", enabled=t.precision == "fp16")
-        self.forward = torch.compile(self.model) if t.compile else self.model
-        self.stream = BatchStream(self.data.train, t.batch_size, seed=t.seed, random_flip=cfg.data.random_flip, device=self.device)
+        # DDP averages the gradients over the ranks in backward; EMA, validation, grids and checkpoints use
+        # the plain module self.model (the same parameters).
+        self.ddp = None
+        if self.world.active:
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        trained = self.ddp or self.model
+        self.forward = torch.compile(trained) if t.compile else trained
+        # Every rank reads the same global batch (batch_size x world size) and keeps its own slice (train_step).
+        self.stream = BatchStream(self.data.train, t.batch_size * self.world.size, seed=t.seed,
+                                  random_flip=cfg.data.random_flip, device=self.device)
         self.window = LossWindow(self.device)
         self.step, self.skipped, self.nonfinite_run = 0, 0, 0
         self.null_label = cfg.model.num_classes or 0
         self.t_scale = 1 / self.process.timesteps if getattr(self.process, "discrete", False) else 1.0
+        self.stop_signals: StopSignals | None = None  # set by run(); train_step shares the flag with all ranks
+        self.stop_agreed: str | None = None  # DDP: a stop signal reached some rank (all ranks agree each step)
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -85,14 +103,17 @@ class Trainer:
     # --- state ---------------------------------------------------------------------
     def state_dict(self) -> dict:
         emas = [e.state_dict() for e in self.emas]
-        return {
+        state = {
             "config": self.cfg.to_dict(), "step": self.step, "model": self.model.state_dict(),
             "ema": emas[0], "emas": emas,  # "ema" is the default EMA (shares its tensors with emas[0] on disk)
-            "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
-            "timestep_sampler": self.timesteps.state_dict(), "data": self.stream.state_dict(), "rng": rng_state(),
+            "optimizer": self.opt.state_dict(), "data": self.stream.state_dict(), "rng": rng_state(),
             "counters": {"skipped": self.skipped, "nonfinite_run": self.nonfinite_run},
             "log_window": self.window.state_dict(), "class_names": self.data.train.class_names,
+            "world_size": self.world.size, **self.extra_state(),
         }
+        if self.world.active:  # every rank's RNG states, in rank order (a collective: all ranks call state_dict)
+            state["rng_ranks"] = distributed.gather_objects(self.world, state["rng"])
+        return state
 
     def load_state_dict(self, state: dict, source: str) -> None:
         load_model_state(self.model, state["model"], source)
@@ -106,27 +127,54 @@ class Trainer:
                               f"starting that EMA from the raw weights")
                 ema.model.load_state_dict(self.model.state_dict())
         self.opt.load_state_dict(state["optimizer"])
-        if "scaler" in state and self.scaler.is_enabled() and state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
-        if state.get("timestep_sampler", {}).get("name") == self.timesteps.name:
-            self.timesteps.load_state_dict(state["timestep_sampler"])
+        self.load_extra_state(state, source)
         self.stream.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
+        saved_world, ranks = int(state.get("world_size", 1)), state.get("rng_ranks")
+        if saved_world == self.world.size and ranks:
+            set_rng_state(ranks[self.world.rank])
+        else:  # the random streams are the same on every rank, so rank 0's ("rng") serves any world size
+            set_rng_state(state["rng"])
+        if saved_world != self.world.size and self.world.main:
+            self.warn_world_change(source, saved_world, state["data"])
         self.step = int(state["step"])
         counters = state.get("counters", {})
         self.skipped, self.nonfinite_run = int(counters.get("skipped", 0)), int(counters.get("nonfinite_run", 0))
         if "log_window" in state:
             self.window.load_state_dict(state["log_window"])
 
+    def extra_state(self) -> dict:
+        """The checkpoint entries of this kind of training beyond the shared ones (loss scaler, timestep sampler)."""
+        return {"scaler": self.scaler.state_dict(), "timestep_sampler": self.timesteps.state_dict()}
+
+    def load_extra_state(self, state: dict, source: str) -> None:
+        if "scaler" in state and self.scaler.is_enabled() and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        if state.get("timestep_sampler", {}).get("name") == self.timesteps.name:
+            self.timesteps.load_state_dict(state["timestep_sampler"])
+
+    def warn_world_change(self, source: str, saved_world: int, data: dict) -> None:
+        t = self.cfg.train
+        lr = (f"; train.scale_lr: lr {base_lr(self.cfg, saved_world):g} -> {base_lr(self.cfg, self.world.size):g}"
+              if t.scale_lr else "")
+        warnings.warn(f"'{source}' was written by {saved_world} process(es), this run has {self.world.size}: "
+                      f"global batch {t.batch_size * saved_world} -> {t.batch_size * self.world.size}{lr}; the data "
+                      f"continue at epoch {data['epoch']} image {data['offset']} in global batches of the new size; "
+                      f"every rank continues from rank 0's random state. Weights, EMAs, optimizer and step are kept.")
+
     def save(self) -> Path:
+        """Write a checkpoint: every rank builds the state (it gathers the RNG states), rank 0 writes it,
+        then all wait until the file is complete."""
         t = self.cfg.train
         path = self.ckpt_dir / checkpoint_name(self.step)
-        try:
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise CheckpointError(f"cannot create '{self.ckpt_dir}': {e.strerror or e}") from None
-        save_checkpoint(self.state_dict(), path)
-        prune_checkpoints(self.ckpt_dir, t.keep_checkpoints, t.milestone_every)
+        state = self.state_dict()
+        if self.world.main:
+            try:
+                self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise CheckpointError(f"cannot create '{self.ckpt_dir}': {e.strerror or e}") from None
+            save_checkpoint(state, path)
+            prune_checkpoints(self.ckpt_dir, t.keep_checkpoints, t.milestone_every)
+        distributed.barrier(self.world)
         return path
 
     def resume(self) -> None:
@@ -138,7 +186,9 @@ class Trainer:
                     f"use train.resume=auto to continue, or another run_dir"
                 )
             return
-        remove_stale_temp_files(self.ckpt_dir)
+        if self.world.main:
+            remove_stale_temp_files(self.ckpt_dir)
+        distributed.barrier(self.world)  # every rank reads the checkpoint, after rank 0 has tidied the folder
         if mode == "auto":
             found = newest_valid_checkpoint(self.ckpt_dir)
             if found is None:
@@ -148,7 +198,7 @@ class Trainer:
             path = Path(mode)
             state = load_checkpoint(path)
         self.load_state_dict(state, str(path))
-        print(f"resumed from {path} at step {self.step}", file=sys.stderr)
+        distributed.print_main(self.world, f"resumed from {path} at step {self.step}")
 
     # --- one step --------------------------------------------------------------------
     def train_step(self, lr: float) -> tuple[float, float]:
@@ -156,37 +206,66 @@ class Trainer:
 
         The loss is the mean of the per-sample losses times the timestep sampler's importance
         weights. A non-finite loss or gradient norm skips the update (no optimizer or EMA step).
+
+        Under DDP every rank draws the global batch, its label dropout, timesteps and noise from
+        identical random streams and trains on its own slice; DDP averages the gradients, so the
+        step equals one process with the global batch. The returned loss is the global mean.
         """
-        t = self.cfg.train
+        t, world = self.cfg.train, self.world
         for group in self.opt.param_groups:
             group["lr"] = lr
-        x0, y = self.stream.next()
+        x0, y = self.stream.next()  # (batch_size x world size, C, H, W)
         x0 = x0.contiguous(memory_format=self.memory_format)
-        b = x0.shape[0]
+        n = x0.shape[0]
         if self.null_label:  # label dropout for classifier-free guidance
-            drop = torch.rand(b, device=self.device) < t.label_dropout
+            drop = torch.rand(n, device=self.device) < t.label_dropout
             y = torch.where(drop, torch.full_like(y, self.null_label), y)
         else:
             y = None
-        ts, weights = self.timesteps.sample(b, self.device)
+        ts_all, weights_all = self.timesteps.sample(n, self.device)
+        noise = torch.randn_like(x0)  # drawn for the whole batch: micro-batches and ranks do not change it
+        ts, weights = ts_all, weights_all
+        if world.active:  # this rank's slice of the global batch
+            mine = slice(world.rank * t.batch_size, (world.rank + 1) * t.batch_size)
+            x0, noise, ts = x0[mine], noise[mine], ts[mine]
+            y = None if y is None else y[mine]
+            weights = None if weights is None else weights[mine]
+        b = x0.shape[0]
         self.opt.zero_grad(set_to_none=True)
         chunk = t.microbatch if 0 < t.microbatch < b else b
         parts = []
         for i in range(0, b, chunk):
             yi = None if y is None else y[i : i + chunk]
-            with self.autocast():
-                losses = self.process.loss(lambda x, tt: self.forward(x, tt, yi), x0[i : i + chunk], ts[i : i + chunk])
-            if weights is not None:
-                losses = losses * weights[i : i + chunk]
-            self.scaler.scale(losses.sum() / b).backward()  # sum / b: micro-batch gradients add up to the batch mean
+            # DDP: gradients are all-reduced only in the last micro-batch's backward
+            no_sync = self.ddp.no_sync() if self.ddp is not None and i + chunk < b else contextlib.nullcontext()
+            with no_sync:
+                with self.autocast():
+                    losses = self.process.loss(lambda x, tt: self.forward(x, tt, yi), x0[i : i + chunk], ts[i : i + chunk],
+                                               noise=noise[i : i + chunk])
+                if weights is not None:
+                    losses = losses * weights[i : i + chunk]
+                self.scaler.scale(losses.sum() / b).backward()  # sum / b: micro-batch gradients add up to the batch mean
             parts.append(losses.detach())
         per_sample = torch.cat(parts) if len(parts) > 1 else parts[0]
+        synced = []  # DDP: whether any rank got a stop signal, read with the loss
+        if world.active:
+            # One collective: every rank's per-sample losses (the global loss, its quartiles and the
+            # loss-second-moment history are the same everywhere) and its stop-signal flag.
+            requested = self.stop_signals is not None and self.stop_signals.requested is not None
+            flag = torch.full((1,), float(requested), device=self.device)
+            gathered = distributed.all_gather(world, torch.cat([per_sample.float(), flag])).view(world.size, b + 1)
+            per_sample, synced = gathered[:, :-1].reshape(-1), [gathered[:, -1].max()]  # (W x B,)
+            ts, weights = ts_all, weights_all
         loss = per_sample.mean()
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.opt)
         max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        loss_value, norm_value = torch.stack([loss.float(), grad_norm.float()]).tolist()  # the step's one host sync
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)  # of the averaged gradients
+        stats = torch.stack([loss.float(), grad_norm.float(), *synced])
+        loss_value, norm_value, *stop_value = stats.tolist()  # the step's one host sync
+        if any(stop_value):
+            self.stop_agreed = (self.stop_signals.requested if self.stop_signals and self.stop_signals.requested
+                                else "a stop signal on another rank")
         ok = math.isfinite(loss_value) and math.isfinite(norm_value)
         if self.scaler.is_enabled():
             self.scaler.step(self.opt)  # skips the update itself on inf/nan gradients
@@ -230,48 +309,55 @@ class Trainer:
     def run(self) -> Path:
         from tqdm import tqdm
 
-        cfg, t = self.cfg, self.cfg.train
+        cfg, t, world = self.cfg, self.cfg.train, self.world
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise CheckpointError(f"cannot create run directory '{self.run_dir}': {e.strerror or e}") from None
         self.resume()
         if self.step >= t.steps and (self.run_dir / "weights-ema.safetensors").exists():
-            print(f"difftrain: {self.run_dir} is already trained to step {self.step} (train.steps={t.steps}); "
-                  f"nothing to do. Raise train.steps to train on, or sample with: difftrain sample {self.run_dir}",
-                  file=sys.stderr)
+            distributed.print_main(world, f"difftrain: {self.run_dir} is already trained to step {self.step} "
+                                   f"(train.steps={t.steps}); nothing to do. Raise train.steps to train on, or sample "
+                                   f"with: difftrain sample {self.run_dir}")
             return self.run_dir
-        atomic_write(self.run_dir / "config.yaml", lambda f: f.write(cfg.to_yaml().encode()))
-        log = MetricsLog(self.run_dir, t.tensorboard, t.wandb, cfg.to_dict())
-        n_params = sum(p.numel() for p in self.model.parameters())
-        print(f"difftrain: {cfg.model.name} {n_params / 1e6:.2f}M parameters, {len(self.data.train)} training images "
-              f"{cfg.model.in_channels}x{cfg.model.image_size}x{cfg.model.image_size}, {cfg.model.num_classes} classes, "
-              f"device {self.device}, {t.precision}, run_dir {self.run_dir}", file=sys.stderr)
+        log = None  # rank 0 alone writes config.yaml, metrics, TensorBoard, grids and checkpoints
+        if world.main:
+            atomic_write(self.run_dir / "config.yaml", lambda f: f.write(cfg.to_yaml().encode()))
+            log = MetricsLog(self.run_dir, t.tensorboard, t.wandb, cfg.to_dict())
+        distributed.print_main(world, self.summary())
+        if world.active:
+            distributed.print_main(world, distributed.describe(world, t.batch_size, t.microbatch))
         # Off a terminal (CI, log files) refresh rarely instead of flooding the log.
-        bar = tqdm(total=t.steps, initial=self.step, disable=not t.progress, desc="train", unit="step", dynamic_ncols=True,
-                   mininterval=0.2 if sys.stderr.isatty() else 30)
+        bar = tqdm(total=t.steps, initial=self.step, disable=not (t.progress and world.main), desc="train", unit="step",
+                   dynamic_ncols=True, mininterval=0.2 if sys.stderr.isatty() else 30)
         tick, tick_step = time.perf_counter(), self.step
         try:
             with StopSignals() as stop:
+                self.stop_signals = stop
                 while self.step < t.steps:
-                    loss, norm = self.train_step(lr_at(self.step, cfg))
+                    loss, norm = self.train_step(lr_at(self.step, cfg, world.size))
                     self.step += 1
                     bar.update(1)
                     self.count_nonfinite(loss, norm)
                     if self.step % t.log_every == 0 or self.step == t.steps:
                         elapsed = time.perf_counter() - tick
-                        ips = (self.step - tick_step) * t.batch_size / max(elapsed, 1e-9)
+                        ips = (self.step - tick_step) * t.batch_size * world.size / max(elapsed, 1e-9)  # global
                         row = self.window.flush()
-                        log.log(self.step, **row, lr=lr_at(self.step - 1, cfg), images_per_s=ips, skipped_steps=self.skipped)
+                        if log is not None:
+                            log.log(self.step, **row, lr=lr_at(self.step - 1, cfg, world.size), images_per_s=ips,
+                                    skipped_steps=self.skipped)
                         bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{ips:.0f}")
                         tick, tick_step = time.perf_counter(), self.step
+                    # DDP: the ranks agreed in train_step, so all of them checkpoint and stop at the same step
+                    requested = self.stop_agreed if world.active else stop.requested
                     pause = time.perf_counter()
-                    self.periodic(log, stop.requested is not None)
+                    self.periodic(log, requested is not None)
                     tick += time.perf_counter() - pause  # images/s counts training time only
-                    if stop.requested:
-                        print(f"\ndifftrain: {stop.requested} at step {self.step}: checkpoint written to "
-                              f"{self.ckpt_dir / checkpoint_name(self.step)}. Resume with the same command "
-                              f"(train.resume=auto continues from the newest checkpoint).", file=sys.stderr)
+                    if requested:
+                        distributed.print_main(
+                            world, f"\ndifftrain: {requested} at step {self.step}: checkpoint written to "
+                            f"{self.ckpt_dir / checkpoint_name(self.step)}. Resume with the same command "
+                            f"(train.resume=auto continues from the newest checkpoint).")
                         return self.run_dir
             bar.close()
             return self.finish(log)
@@ -281,7 +367,20 @@ class Trainer:
             raise
         finally:
             bar.close()
-            log.close()
+            if log is not None:
+                log.close()
+
+    def summary(self) -> str:
+        """The line printed when training starts: model, data, device."""
+        cfg, m = self.cfg, self.cfg.model
+        n_params = sum(p.numel() for p in self.model.parameters())
+        latent = cfg.latent.first_stage
+        text = (f"difftrain: {m.name} {n_params / 1e6:.2f}M parameters, {len(self.data.train)} training "
+                f"{'latents' if latent else 'images'} {m.in_channels}x{m.image_size}x{m.image_size}, {m.num_classes} classes, "
+                f"device {self.device}, {cfg.train.precision}, run_dir {self.run_dir}")
+        if latent:
+            text += f"\ndifftrain: first stage {latent}, latent scale_factor {cfg.latent.scale_factor:.5g}"
+        return text
 
     def count_nonfinite(self, loss: float, norm: float) -> None:
         if math.isfinite(loss) and math.isfinite(norm):
@@ -298,23 +397,27 @@ class Trainer:
                 f"The last good checkpoint is kept in '{self.ckpt_dir}'; lower train.lr or check the data"
             )
 
-    def periodic(self, log: MetricsLog, stopping: bool) -> None:
-        """Validation, sample grids and checkpoints due after this step (a checkpoint always when stopping)."""
+    def periodic(self, log: MetricsLog | None, stopping: bool) -> None:
+        """Validation, sample grids and checkpoints due after this step (a checkpoint always when stopping).
+        Validation and grids run on rank 0 only (log is None elsewhere)."""
         t, step = self.cfg.train, self.step
         if step >= t.steps:
             return
-        if t.val_every and step % t.val_every == 0:
+        if t.val_every and step % t.val_every == 0 and log is not None:
             log.log(step, **self.validate())
-        if t.sample_every and step % t.sample_every == 0:
+        if t.sample_every and step % t.sample_every == 0 and log is not None:
             self.write_grids(f"step-{step:07d}", log)
         if stopping or (t.checkpoint_every and step % t.checkpoint_every == 0):
             self.save()
 
-    def finish(self, log: MetricsLog) -> Path:
+    def finish(self, log: MetricsLog | None) -> Path:
         t = self.cfg.train
-        if t.val_every:
+        if t.val_every and log is not None:
             log.log(self.step, **self.validate())
         path = self.save()
+        if not self.world.main:
+            distributed.barrier(self.world)  # until rank 0 has exported the weights and drawn the grids
+            return self.run_dir
         meta = {"config": self.cfg.to_yaml(), "step": str(self.step)}
         export_safetensors(self.model.state_dict(), self.run_dir / "weights.safetensors", meta)
         for i, ema in enumerate(self.emas):
@@ -325,8 +428,12 @@ class Trainer:
               f"  checkpoint   {path}\n  weights      {self.run_dir / 'weights-ema.safetensors'} (EMA {self.ema.rate}), "
               f"{self.run_dir / 'weights.safetensors'} (raw)\n  samples      {grid}\n"
               f"  metrics      {self.run_dir / 'metrics.jsonl'}\n"
-              f"Sample more with: difftrain sample {self.run_dir} --n 100 --out grid.png", file=sys.stderr)
+              f"{self.next_step()}", file=sys.stderr)
+        distributed.barrier(self.world)
         return self.run_dir
+
+    def next_step(self) -> str:
+        return f"Sample more with: difftrain sample {self.run_dir} --n 100 --out grid.png"
 
     def write_grids(self, stem: str, log: MetricsLog | None = None) -> Path:
         """Grids from the default EMA (STEM.png) and the raw weights (STEM-raw.png); returns the EMA one."""
@@ -358,9 +465,20 @@ class Trainer:
 def train(cfg: Config) -> Path:
     """Train `cfg` to cfg.train.steps (resuming per cfg.train.resume); returns the run directory.
 
-    SIGTERM or Ctrl-C finishes the current step, writes a checkpoint and returns early.
+    SIGTERM or Ctrl-C finishes the current step, writes a checkpoint and returns early. Under torchrun
+    each rank calls this; the process group is left after a normal end (after an error the process
+    exits and torchrun stops the other ranks).
     """
-    return Trainer(cfg).run()
+    if cfg.autoencoder.kind != "none" and distributed.world_from_env().active:
+        raise ConfigError("autoencoder training (autoencoder.kind) runs in one process for now; "
+                          "launch it without torchrun and with train.devices=1")
+    if cfg.autoencoder.kind != "none":  # a latent-diffusion first stage (training/autoencoder.py)
+        from difftrain.training.autoencoder import AutoencoderTrainer
+
+        return AutoencoderTrainer(cfg).run()
+    run_dir = Trainer(cfg).run()
+    distributed.cleanup()
+    return run_dir
 
 
 __all__ = ["Trainer", "TrainingError", "lr_at", "resolve_config", "train"]

@@ -31,7 +31,7 @@ def resolve_config(cfg: Config, data: Splits) -> Config:
 
 def check_train_config(cfg: Config, device: torch.device) -> None:
     t = cfg.train
-    for key in ("steps", "batch_size", "log_every", "max_nonfinite"):
+    for key in ("steps", "batch_size", "log_every", "max_nonfinite", "devices"):
         if getattr(t, key) <= 0:
             raise ConfigError(f"train.{key} must be positive, got {getattr(t, key)}")
     if not 0 <= t.label_dropout < 1:
