@@ -7,6 +7,7 @@ rebuilt from its checkpoint alone: the checkpoint carries the resolved config.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,8 +107,9 @@ def generate(model: nn.Module, cfg: Config, n: int, *, labels: Tensor | None = N
 
     per_batch = sampler_steps(process, sampler, steps, sc.spacing, sc.respacing)
     n_batches = -(-n // batch_size)
+    # Off a terminal (CI, log files) refresh rarely instead of flooding the log.
     bar = tqdm(total=per_batch * n_batches, disable=not progress, unit="step", leave=False,
-               desc=f"{sampler} {per_batch} steps x {n_batches} batch{'es' if n_batches > 1 else ''}")
+               mininterval=0.1 if sys.stderr.isatty() else 30, desc=f"{sampler} {per_batch} steps x {n_batches} batch{'es' if n_batches > 1 else ''}")
     out, frames = [], []
     for start in range(0, n, batch_size):
         idx = range(start, min(start + batch_size, n))
