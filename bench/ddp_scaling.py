@@ -29,23 +29,14 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, cpu_name  # noqa: E402
 # name: (processes, threads per process)
 VARIANTS = {
     "1 process x 2 threads": (1, 2),
     "2 processes x 1 thread": (2, 1),
     "1 process x 1 thread": (1, 1),
 }
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_job(recipe: str, procs: int, threads: int, global_batch: int, steps: int, log_every: int,

@@ -141,14 +141,19 @@ def test_psnr():
     assert psnr(x, x)[0].item() > 90
 
 
-@pytest.mark.skipif(not lpips_problems(), reason="LPIPS is available on this machine")
-def test_lpips_missing_is_a_clear_error_or_a_warning():
+def test_lpips_missing_is_a_clear_error_or_a_warning(tmp_path, monkeypatch):
+    import difftrain.training.autoencoder as ae_training
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # an empty hub cache: no VGG16 weights
+    monkeypatch.setattr(ae_training, "_warned_lpips", False)
+    assert any("VGG16" in p for p in lpips_problems())
     with pytest.raises(ConfigError, match="lpips_required=false") as e:
         load_lpips(True, torch.device("cpu"))
-    assert "vgg16-397923af.pth" in str(e.value) or "lpips package" in str(e.value)
+    assert "vgg16-397923af.pth" in str(e.value) and str(tmp_path) in str(e.value)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert load_lpips(False, torch.device("cpu")) is None
+    assert any("Training without the perceptual loss" in str(w.message) for w in caught)
 
 
 TINY_RUN = ["autoencoder.kind=vq", "autoencoder.ch=8", "autoencoder.ch_mult=[1,2]", "autoencoder.num_res_blocks=1",
