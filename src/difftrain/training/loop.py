@@ -61,7 +61,13 @@ class Trainer:
         if cfg.latent.first_stage:  # latent diffusion: train on the first stage's latents of the data set
             from difftrain.latent import latent_splits
 
+            # DDP with latent.cache: rank 0 encodes and writes the cache, then the other ranks read it
+            encode_first = self.world.active and cfg.latent.cache
+            if encode_first and not self.world.main:
+                distributed.barrier(self.world)
             self.data = latent_splits(cfg, self.data, self.device)
+            if encode_first and self.world.main:
+                distributed.barrier(self.world)
         resolve_config(cfg, self.data)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
