@@ -108,6 +108,21 @@ def all_gather(world: World, x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
+def gather_losses(world: World, losses: torch.Tensor, stop_requested: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's per-sample losses (W x B,) and whether any rank got a stop signal, in one all-gather."""
+    flag = torch.full((1,), float(stop_requested), device=losses.device)
+    gathered = all_gather(world, torch.cat([losses.float(), flag])).view(world.size, len(losses) + 1)
+    return gathered[:, :-1].reshape(-1), gathered[:, -1].max()
+
+
+def world_change_warning(source: str, saved_world: int, world: World, batch_size: int, data: dict, lr_change: str) -> str:
+    """What changes when a checkpoint written by `saved_world` processes is resumed by `world`."""
+    return (f"'{source}' was written by {saved_world} process(es), this run has {world.size}: "
+            f"global batch {batch_size * saved_world} -> {batch_size * world.size}{lr_change}; the data "
+            f"continue at epoch {data['epoch']} image {data['offset']} in global batches of the new size; "
+            f"every rank continues from rank 0's random state. Weights, EMAs, optimizer and step are kept.")
+
+
 def gather_objects(world: World, obj) -> list:
     """Every rank's picklable `obj`, in rank order, on every rank (used for the per-rank RNG states)."""
     if not world.active:

@@ -162,10 +162,7 @@ class Trainer:
         t = self.cfg.train
         lr = (f"; train.scale_lr: lr {base_lr(self.cfg, saved_world):g} -> {base_lr(self.cfg, self.world.size):g}"
               if t.scale_lr else "")
-        warnings.warn(f"'{source}' was written by {saved_world} process(es), this run has {self.world.size}: "
-                      f"global batch {t.batch_size * saved_world} -> {t.batch_size * self.world.size}{lr}; the data "
-                      f"continue at epoch {data['epoch']} image {data['offset']} in global batches of the new size; "
-                      f"every rank continues from rank 0's random state. Weights, EMAs, optimizer and step are kept.")
+        warnings.warn(distributed.world_change_warning(source, saved_world, self.world, t.batch_size, data, lr))
 
     def save(self) -> Path:
         """Write a checkpoint: every rank builds the state (it gathers the RNG states), rank 0 writes it,
@@ -258,9 +255,8 @@ class Trainer:
             # One collective: every rank's per-sample losses (the global loss, its quartiles and the
             # loss-second-moment history are the same everywhere) and its stop-signal flag.
             requested = self.stop_signals is not None and self.stop_signals.requested is not None
-            flag = torch.full((1,), float(requested), device=self.device)
-            gathered = distributed.all_gather(world, torch.cat([per_sample.float(), flag])).view(world.size, b + 1)
-            per_sample, synced = gathered[:, :-1].reshape(-1), [gathered[:, -1].max()]  # (W x B,)
+            per_sample, any_stop = distributed.gather_losses(world, per_sample, requested)  # (W x B,), ()
+            synced = [any_stop]
             ts, weights = ts_all, weights_all
         loss = per_sample.mean()
         if self.scaler.is_enabled():
