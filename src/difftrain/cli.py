@@ -208,7 +208,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _eval_nll(args)
     if not args.run and not args.samples:
         raise EvaluationError("give a run directory / checkpoint to sample from, or --samples FILE.npz")
-    from difftrain.generation import resolve_device
+    from difftrain.runtime import resolve_device
 
     run = data = None
     if args.run:

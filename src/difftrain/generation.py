@@ -24,6 +24,7 @@ from difftrain.data.memory import to_uint8
 from difftrain.latent import decoder_for
 from difftrain.models import build_model
 from difftrain.processes import build_process
+from difftrain.runtime import resolve_device  # re-exported: training/ imports it from here
 from difftrain.samplers import PerSampleNoise, guided, run_sampler, sampler_steps
 
 OUTPUT_FORMATS = ("grid", "npz", "png-dir")
@@ -36,15 +37,6 @@ class LoadedRun:
     step: int
     class_names: list[str]
     source: Path
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device '{name}' requested but CUDA is not available here; use device=cpu")
-    return device
 
 
 def load_run(path: str | Path, *, weights: str = "ema", device: str | torch.device = "cpu") -> LoadedRun:

@@ -29,6 +29,7 @@ from difftrain.data import DataError, ImageSet, Splits
 from difftrain.data.latents import LatentSet, load_latent_cache, save_latent_cache
 from difftrain.data.memory import to_model_range
 from difftrain.models import build_autoencoder
+from difftrain.runtime import cache_dir
 
 POSTERIORS = ("mode", "sample")
 DIFFUSERS_CLASSES = ("AutoencoderKL", "VQModel")
@@ -156,8 +157,6 @@ def encode_images(stage: FirstStage, images: Tensor, *, batch_size: int = 64, fl
 
 
 def default_cache_dir() -> Path:
-    from difftrain.evaluation.digits import cache_dir
-
     return cache_dir() / "latents"
 
 

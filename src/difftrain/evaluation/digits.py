@@ -1,7 +1,7 @@
 """An offline metric for digit samples: a small CNN trained here on the digits train split.
 
 Nothing is downloaded. The classifier is trained once per image size (deterministically,
-a few seconds on a CPU), cached under `cache_dir()` and loaded with `weights_only=True`;
+a few seconds on a CPU), cached under `runtime.cache_dir()` and loaded with `weights_only=True`;
 a missing, stale or unreadable cache file is retrained and rewritten. It gives:
 
 - `accuracy`: the fraction of class-conditional samples the classifier assigns to their
@@ -20,7 +20,6 @@ size are resized to it the way the data loader resizes (bilinear, antialiased).
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
@@ -33,19 +32,12 @@ from difftrain.checkpoint import atomic_write
 from difftrain.data.digits import load_digits_splits
 from difftrain.data.memory import to_model_range
 from difftrain.evaluation.frechet import frechet_distance_features
+from difftrain.runtime import cache_dir
 
 VERSION = 2  # bump when the classifier, its training or the reference changes: old cache files are retrained
 FORMAT = "difftrain-digits-classifier"
 NEAR_COPY_PERCENTILE = 1.0
 REFERENCE = "sklearn digits, stratified split (30% test, seed 0)"
-
-
-def cache_dir() -> Path:
-    """$DIFFTRAIN_CACHE, else $XDG_CACHE_HOME/difftrain, else ~/.cache/difftrain."""
-    if os.environ.get("DIFFTRAIN_CACHE"):
-        return Path(os.environ["DIFFTRAIN_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "difftrain"
 
 
 class DigitClassifier(nn.Module):

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from difftrain.evaluation import EvaluationError
+from difftrain.runtime import cache_dir
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
@@ -76,8 +77,6 @@ def fidelity_metrics(images: Tensor, reference: Tensor, *, reference_name: str, 
     """
     path = check_fidelity(weights)
     import torch_fidelity
-
-    from difftrain.evaluation.digits import cache_dir
 
     n, n_ref = len(images), len(reference)
     cache_root = Path(cache or cache_dir()) / "fidelity"
