@@ -2,27 +2,25 @@
 
 A config is built in three layers: the dataclass defaults, a recipe (a YAML file shipped
 in `difftrain/recipes/` or any path), then `section.key=value` overrides from the command
-line. Every value is checked against the field's declared type; an unknown key is an
-error naming the closest valid key. The resolved config is written next to the run and
-stored inside every checkpoint, so a run directory is self-describing.
+line. Every value is checked against the field's declared type, and the built config
+against the ranges in config_checks.py; an unknown key is an error naming the closest valid
+key. The resolved config is written next to the run and stored inside every checkpoint, so a
+run directory is self-describing.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config key or value is wrong; the message names the key and what is valid."""
+from difftrain.config_checks import ConfigError, coerce, validate  # noqa: F401 (ConfigError is imported from here)
 
 
 @dataclass
@@ -247,50 +245,6 @@ def _dataclass_type(cls: type, name: str) -> type | None:
     return hint if dataclasses.is_dataclass(hint) else None
 
 
-def _type_name(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(hint))
-    if origin is list:
-        return f"list of {_type_name(typing.get_args(hint)[0])}"
-    return "null" if hint is type(None) else hint.__name__
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Return `value` as type `hint`, or raise ConfigError naming the key."""
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        for arg in typing.get_args(hint):
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                continue
-    elif origin is list:
-        if isinstance(value, (list, tuple)):
-            (item,) = typing.get_args(hint)
-            return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    elif hint is type(None):
-        if value is None:
-            return None
-    elif hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-    raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
-
-
 def _unknown_key(key: str) -> ConfigError:
     valid = _all_keys(Config)
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
@@ -317,7 +271,7 @@ def set_key(cfg: Config, key: str, value: Any) -> None:
                 for k, v in value.items():
                     set_key(cfg, f"{key}.{k}", v)
                 return
-            setattr(obj, part, _coerce(value, _hints(type(obj))[part], key))
+            setattr(obj, part, coerce(value, _hints(type(obj))[part], key))
             return
         obj = getattr(obj, part)
 
@@ -389,11 +343,11 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...
         apply_dict(cfg, data)
     for text in overrides:
         set_key(cfg, *parse_override(text))
-    return cfg
+    return validate(cfg)
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a resolved config (from config.yaml or a checkpoint)."""
     cfg = Config()
     apply_dict(cfg, data)
-    return cfg
+    return validate(cfg)
