@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from difftrain.models.layers import group_norm
+
 
 def norm(channels: int) -> nn.GroupNorm:
     """LDM's GroupNorm(32, eps=1e-6), with fewer groups when 32 does not divide `channels`."""
-    groups = max(g for g in range(1, 33) if channels % g == 0)
-    return nn.GroupNorm(groups, channels, eps=1e-6)
+    return group_norm(channels, 32, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):

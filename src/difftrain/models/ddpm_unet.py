@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from difftrain.models.unet import timestep_embedding
+from difftrain.models.layers import class_labels, timestep_embedding
 
 
 class DoubleConv(nn.Module):
@@ -113,9 +113,7 @@ class DDPMUNet(nn.Module):
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         emb = timestep_embedding(t, self.emb_dim)  # (B, 256): sinusoidal, not learned, as in the reference
         if self.label_embed is not None:
-            if y is None:
-                y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
-            emb = emb + self.label_embed(y)
+            emb = emb + self.label_embed(class_labels(y, self.num_classes, x))
         h = self.inc(x)
         skips = [h]
         for down, attn in zip(self.downs, self.down_attn):

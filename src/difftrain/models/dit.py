@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from difftrain.models.unet import timestep_embedding
+from difftrain.models.layers import class_labels, timestep_embedding, zero_init
 
 CLASS_EMBEDS = ("token", "adaln")
 POS_EMBEDS = ("rope", "sincos")
@@ -102,8 +102,7 @@ class DiTBlock(nn.Module):
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         # adaLN-Zero: zero-init the modulation so every gate starts at 0 and each block is the
         # identity at initialisation (DiT, section 3.2); training opens the gates.
-        nn.init.zeros_(self.modulation[-1].weight)
-        nn.init.zeros_(self.modulation[-1].bias)
+        zero_init(self.modulation[-1])
 
     def forward(self, x: Tensor, c: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, dim=-1)  # (B, D) each
@@ -120,9 +119,8 @@ class FinalLayer(nn.Module):
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
         self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
         # Zero-init the modulation and the output map: the untrained model predicts 0 (DiT).
-        for layer in (self.modulation[-1], self.linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        zero_init(self.modulation[-1])
+        zero_init(self.linear)
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift, scale = self.modulation(c).chunk(2, dim=-1)
@@ -194,8 +192,7 @@ class DiT(nn.Module):
         if self.pos_embed == "sincos":
             h = h + self.pos.to(h.dtype)
         if self.label_embed is not None:
-            if y is None:
-                y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
+            y = class_labels(y, self.num_classes, x)
             if self.class_embed == "adaln":
                 c = c + self.label_embed(y)
             else:

@@ -8,32 +8,11 @@ null).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding (Vaswani et al. 2017) of float timesteps, (B,) -> (B, dim)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    return F.pad(emb, (0, dim % 2))
-
-
-def group_norm(channels: int, max_groups: int) -> nn.GroupNorm:
-    """GroupNorm with the largest group count <= max_groups that divides `channels`."""
-    groups = max(g for g in range(1, max_groups + 1) if channels % g == 0)
-    return nn.GroupNorm(groups, channels)
-
-
-def zero_init(module: nn.Module) -> nn.Module:
-    for p in module.parameters():
-        nn.init.zeros_(p)
-    return module
+from difftrain.models.layers import class_labels, group_norm, timestep_embedding, zero_init
 
 
 class ResBlock(nn.Module):
@@ -182,9 +161,7 @@ class UNet(nn.Module):
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         emb = self.time_embed(timestep_embedding(t, self.model_channels))  # (B, 4C)
         if self.label_embed is not None:
-            if y is None:
-                y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
-            emb = emb + self.label_embed(y)
+            emb = emb + self.label_embed(class_labels(y, self.num_classes, x))
         h = self.input_conv(x)
         skips = [h]
         for block in self.input_blocks:

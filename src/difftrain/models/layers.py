@@ -1,0 +1,38 @@
+"""Network pieces shared by the models: the sinusoidal timestep embedding, GroupNorm, zero-init, null-class labels."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding (Vaswani et al. 2017) of float timesteps, (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def group_norm(channels: int, max_groups: int = 32, eps: float = 1e-5) -> nn.GroupNorm:
+    """GroupNorm with the largest group count <= max_groups that divides `channels`."""
+    groups = max(g for g in range(1, max_groups + 1) if channels % g == 0)
+    return nn.GroupNorm(groups, channels, eps=eps)
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Set every parameter of `module` to 0 and return it; callers say why where they use it."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def class_labels(y: Tensor | None, num_classes: int, x: Tensor) -> Tensor:
+    """y, or the null class (index `num_classes`, the unconditional model of guidance) for each sample of x."""
+    if y is None:
+        return torch.full((x.shape[0],), num_classes, device=x.device, dtype=torch.long)
+    return y

@@ -1,0 +1,31 @@
+"""models/layers.py: the pieces the networks share."""
+
+import math
+
+import torch
+from torch import nn
+
+from difftrain.models.layers import class_labels, group_norm, timestep_embedding, zero_init
+
+
+def test_timestep_embedding_is_cos_then_sin_and_pads_odd_widths():
+    emb = timestep_embedding(torch.tensor([0.0, 3.0]), 7)  # (2, 7): 3 frequencies, one pad column
+    assert emb.shape == (2, 7)
+    assert torch.equal(emb[0], torch.tensor([1.0, 1, 1, 0, 0, 0, 0]))
+    freqs = torch.tensor([1.0, math.exp(-math.log(10000.0) / 3), math.exp(-2 * math.log(10000.0) / 3)])
+    torch.testing.assert_close(emb[1, :6], torch.cat([torch.cos(3 * freqs), torch.sin(3 * freqs)]))
+    assert emb[1, 6] == 0
+
+
+def test_group_norm_takes_the_largest_dividing_group_count():
+    assert group_norm(64).num_groups == 32 and group_norm(48).num_groups == 24 and group_norm(7, 4).num_groups == 1
+    assert group_norm(64, eps=1e-6).eps == 1e-6
+
+
+def test_zero_init_and_null_class_labels():
+    layer = zero_init(nn.Linear(3, 4))
+    assert not layer.weight.any() and not layer.bias.any()
+    x = torch.zeros(3, 1, 2, 2)
+    assert class_labels(None, 10, x).tolist() == [10, 10, 10]
+    y = torch.tensor([1, 2, 3])
+    assert class_labels(y, 10, x) is y
