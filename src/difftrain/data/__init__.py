@@ -3,9 +3,15 @@
 
 from __future__ import annotations
 
+
+class DataError(ValueError):
+    """A data source is missing, empty or unreadable; the message names the path."""
+
+
+# Defined before the loaders are imported: they raise it and import it from here.
 from difftrain.config import DataConfig
 from difftrain.data.digits import load_digits_splits
-from difftrain.data.folder import DataError, load_folder_splits
+from difftrain.data.folder import load_folder_splits
 from difftrain.data.mnist import load_mnist_splits
 from difftrain.data.normalize import apply_extras
 from difftrain.data.memory import BatchStream, ImageSet, Splits, to_model_range, to_uint8

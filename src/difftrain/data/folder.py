@@ -13,14 +13,11 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from difftrain.config import ConfigError
+from difftrain.data import DataError  # also importable from here, as before
 from difftrain.data.memory import ImageSet, Splits
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 CLASS_SOURCES = ("auto", "dir", "prefix", "none")
-
-
-class DataError(ValueError):
-    """A data source is missing, empty or unreadable; the message names the path."""
 
 
 def list_images(root: Path) -> list[Path]:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from difftrain.data.folder import DataError
+from difftrain.data import DataError
 from difftrain.data.memory import ImageSet, Splits
 
 LETTERS = list(string.ascii_uppercase)

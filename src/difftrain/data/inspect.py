@@ -17,9 +17,10 @@ import numpy as np
 from PIL import Image
 
 from difftrain.config import DataConfig
+from difftrain.data import DataError
 from difftrain.data.cifar import LAYOUTS as CIFAR_LAYOUTS
 from difftrain.data.cifar import find_cifar_folder
-from difftrain.data.folder import DataError, class_of, list_images, read_image, resolve_class_source
+from difftrain.data.folder import class_of, list_images, read_image, resolve_class_source
 from difftrain.data.fonts import read_fonts_file
 from difftrain.data.shards import DECODE_ERRORS, INDEX_NAME, decode, is_url, iter_shard, resolve_shards
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from difftrain.data.folder import DataError
+from difftrain.data import DataError
 from difftrain.data.memory import ImageSet, Splits
 
 FILES = {
