@@ -1,11 +1,24 @@
 """Issue #14, the input half: bad input files, config values and command-line options give a clear
 error that names the file / key / option and the valid range, never a traceback or silent garbage."""
 
+import io
+import struct
+import tarfile
+import zlib
+
+import numpy as np
 import pytest
 
-from difftrain.config import Config, ConfigError, config_from_dict, load_config, recipe_names
+from difftrain.cli import main
+from difftrain.config import Config, ConfigError, DataConfig, _all_keys, config_from_dict, load_config, recipe_names
 from difftrain.config_checks import CHECKED_WHERE_USED, RULES
-from difftrain.config import _all_keys
+from difftrain.data import DataError, load_data
+from difftrain.data import shard_writer
+from difftrain.data.folder import load_folder_splits
+from difftrain.data.fonts import read_fonts_file
+from difftrain.data.inspect import inspect_source
+from difftrain.data.shards import read_shard, write_shards
+from tests.test_datasets_shards import make_folder
 
 
 # --- config values (#9) -----------------------------------------------------------------------
@@ -72,3 +85,183 @@ def test_all_bad_values_are_listed_at_once_and_stored_configs_are_checked_too():
     data["train"]["batch_size"] = -3
     with pytest.raises(ConfigError, match="train.batch_size: must be an integer >= 1, got -3"):
         config_from_dict(data)
+
+
+# --- huge images (#5) -------------------------------------------------------------------------
+
+def huge_png(path, side=20000):
+    """A PNG whose header claims side x side 1-bit pixels: Pillow refuses it on open (a decompression bomb)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture
+def folder_with_huge_image(tmp_path):
+    root = make_folder(tmp_path / "imgs", per_class=2)
+    return root, huge_png(root / "cat" / "huge.png")
+
+
+def test_a_huge_image_is_skipped_like_any_unreadable_one(folder_with_huge_image):
+    root, huge = folder_with_huge_image
+    with pytest.warns(UserWarning, match="huge.png"):
+        splits = load_folder_splits(str(root), 8)
+    assert len(splits.train) == 4 and any("huge.png" in s for s in splits.skipped)
+    with pytest.raises(DataError, match="unreadable image .*huge.png"):
+        load_folder_splits(str(root), 8, strict=True)
+
+
+def test_a_huge_image_is_listed_by_inspect_and_left_out_of_shards(folder_with_huge_image, tmp_path):
+    root, huge = folder_with_huge_image
+    report = inspect_source(str(root))
+    assert report.counts["all"] == 4 and len(report.unreadable) == 1 and "huge.png" in report.unreadable[0]
+    meta = write_shards(root, tmp_path / "sh", 3)
+    assert sum(s["count"] for s in meta["shards"]) == 4 and "huge.png" in meta["skipped"][0]
+
+
+def test_a_huge_image_in_the_cli(folder_with_huge_image, tmp_path, capsys):
+    root, _ = folder_with_huge_image
+    assert main(["data", "inspect", str(root), "--preview", ""]) == 0
+    out = capsys.readouterr().out
+    assert "unreadable 1" in out and "huge.png" in out
+    assert main(["data", "shard", str(root), str(tmp_path / "sh")]) == 0
+    out = capsys.readouterr().out
+    assert "4 images in 1 shards" in out and "1 unreadable left out" in out
+
+
+# --- shards (#7) ------------------------------------------------------------------------------
+
+def shard_dir(tmp_path, per_class=3, shard_size=4):
+    root = make_folder(tmp_path / "imgs", per_class=per_class)
+    write_shards(root, tmp_path / "sh", shard_size)
+    return tmp_path / "sh"
+
+
+def first_shard(sh):
+    return sh / "shard-000000.tar"
+
+
+def stream_all(sh, **kwargs):
+    data = load_data(DataConfig(name="shards", path=str(sh), image_size=8, **kwargs))
+    stream = data.train.make_stream(6)
+    return [stream.next() for _ in range(2)]
+
+
+@pytest.mark.parametrize("cut", ["member boundary", "inside a member"])
+def test_a_truncated_shard_is_an_error_naming_it(tmp_path, cut):
+    sh = shard_dir(tmp_path)
+    raw = first_shard(sh).read_bytes()
+    with tarfile.open(first_shard(sh)) as tar:
+        offsets = [m.offset for m in tar.getmembers()]
+    # The header of the third sample's image (a valid but shorter tar), or the middle of the first image.
+    end = offsets[4] if cut == "member boundary" else offsets[0] + 700
+    first_shard(sh).write_bytes(raw[:end])
+    with pytest.raises(DataError, match="shard-000000.tar.*truncated"):
+        read_shard(str(first_shard(sh)), 8, 3, 2, expected=4)
+    with pytest.raises(DataError, match="shard-000000.tar"):
+        stream_all(sh)
+    with pytest.raises(DataError, match="shard-000000.tar"):
+        stream_all(sh, num_workers=1)  # the worker's error reaches the training process as a DataError
+    report = inspect_source(str(sh))
+    assert any("shard-000000.tar" in u and "truncated" in u for u in report.unreadable)
+
+
+def rewrite_label(tar_path, label):
+    """The first sample's .cls member set to `label` (the tar is rewritten)."""
+    with tarfile.open(tar_path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    cls = next(i for i, (m, _) in enumerate(members) if m.name.endswith(".cls"))
+    members[cls] = (members[cls][0], str(label).encode())
+    with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for m, data in members:
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    return members[cls][0].name.rsplit(".", 1)[0]
+
+
+@pytest.mark.parametrize("label", [2, 7, -1, "cat"])
+def test_a_label_outside_the_classes_is_an_error_naming_shard_key_and_label(tmp_path, label):
+    sh = shard_dir(tmp_path)
+    key = rewrite_label(first_shard(sh), label)
+    expected = f"shard '.*shard-000000.tar': sample '{key}' has the label"
+    with pytest.raises(DataError, match=expected) as e:
+        stream_all(sh)
+    if label != "cat":  # 2 is the class count: the null class, not a data label
+        assert f"the label {label}, outside the classes 0..1 of shards.json" in str(e.value)
+    report = inspect_source(str(sh))
+    assert any(key in u and "label" in u for u in report.unreadable)
+
+
+def test_a_failed_shard_write_leaves_no_partial_shard_and_keeps_earlier_ones(tmp_path, monkeypatch):
+    sh = shard_dir(tmp_path, per_class=3, shard_size=4)
+    before = {p.name: p.read_bytes() for p in sh.iterdir()}
+    calls = []
+
+    def full_disk(tar, name, payload):
+        calls.append(name)
+        if len(calls) > 5:
+            raise OSError(28, "No space left on device")
+        return real(tar, name, payload)
+
+    real = shard_writer._add_member
+    monkeypatch.setattr(shard_writer, "_add_member", full_disk)
+    with pytest.raises(DataError, match="No space left on device.*no partial shard"):
+        write_shards(tmp_path / "imgs", sh, 2, seed=1)
+    assert {p.name: p.read_bytes() for p in sh.iterdir()} == before  # no new, partial or temporary file
+
+    calls.clear()
+    monkeypatch.setattr(shard_writer, "_add_member", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(tmp_path / "imgs", tmp_path / "other", 2)
+    assert list((tmp_path / "other").iterdir()) == []
+
+
+def test_a_damaged_shard_index_is_an_error_naming_it(tmp_path):
+    sh = shard_dir(tmp_path)
+    (sh / "shards.json").write_text("{not json")
+    with pytest.raises(DataError, match="shards.json"):
+        stream_all(sh)
+    (sh / "shards.json").write_text('{"format": "difftrain-shards", "shards": [{"file": 3}]}')
+    with pytest.raises(DataError, match="shards.json' is damaged"):
+        stream_all(sh)
+
+
+# --- fonts files (#8) -------------------------------------------------------------------------
+
+def test_float_fonts_in_0_1_are_scaled_and_other_ranges_refused(tmp_path):
+    ink = np.random.default_rng(0).random((2, 26, 8, 8)) < 0.3
+    np.savez(tmp_path / "f.npz", images=np.where(ink, 0.0, 1.0).astype(np.float32))
+    images, _ = read_fonts_file(tmp_path / "f.npz")
+    assert images.dtype == np.uint8 and set(np.unique(images)) == {0, 255}
+    assert np.array_equal(images == 0, ink)
+    np.savez(tmp_path / "g.npz", images=np.where(ink, 0.0, 255.0))
+    with pytest.raises(DataError, match=r"g.npz': float images must lie in \[0, 1\].*got \[0, 255\]"):
+        read_fonts_file(tmp_path / "g.npz")
+    np.savez(tmp_path / "h.npz", images=np.where(ink, -1, 300))
+    with pytest.raises(DataError, match="h.npz': integer pixel values must lie in 0..255, got -1..300"):
+        read_fonts_file(tmp_path / "h.npz")
+    rows = [["font", *range(26 * 4)], ["a", *np.linspace(0, 1, 26 * 4)]]
+    (tmp_path / "f.csv").write_text("\n".join(",".join(map(str, r)) for r in rows))
+    images, _ = read_fonts_file(tmp_path / "f.csv")
+    assert images.max() == 255 and images.min() == 0
+
+
+def test_non_square_fonts_are_reported_as_they_are_and_refused_for_training(tmp_path):
+    np.savez(tmp_path / "f.npz", images=np.full((2, 26, 16, 8), 255, np.uint8))
+    report = inspect_source(str(tmp_path / "f.npz"))
+    assert dict(report.sizes) == {"1x16x8": 52}
+    with pytest.raises(DataError, match="f.npz': the letters are 16x8 .H x W. but the models need square images"):
+        load_data(DataConfig(name="fonts", path=str(tmp_path / "f.npz"), image_size=8))
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04junk", b"\x00" * 100, b"not a zip at all"])
+def test_broken_fonts_files_are_errors_naming_the_file(tmp_path, content):
+    (tmp_path / "f.npz").write_bytes(content)
+    with pytest.raises(DataError, match="f.npz"):
+        read_fonts_file(tmp_path / "f.npz")
+    (tmp_path / "f.csv").write_bytes(content + b"\nfont,1,x\n\xff\xfe")
+    with pytest.raises(DataError, match="f.csv"):
+        read_fonts_file(tmp_path / "f.csv")

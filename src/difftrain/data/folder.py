@@ -18,6 +18,8 @@ from difftrain.data.memory import ImageSet, Splits
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 CLASS_SOURCES = ("auto", "dir", "prefix", "none")
+# What a broken image raises; a huge one (more pixels than Image.MAX_IMAGE_PIXELS allows) counts as broken too.
+DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def list_images(root: Path) -> list[Path]:
@@ -79,7 +81,7 @@ def load_folder_splits(path: str | None, image_size: int, channels: int | None =
     for f in files:
         try:
             arrays.append(read_image(f, image_size, channels))
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        except DECODE_ERRORS as e:
             if strict:
                 raise DataError(f"unreadable image '{f}': {e}") from None
             skipped.append(str(f))

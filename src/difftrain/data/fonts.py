@@ -15,6 +15,7 @@ import math
 import shutil
 import string
 import subprocess
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -34,35 +35,76 @@ FONT_DIRS = ("/usr/share/fonts", "/usr/local/share/fonts", "~/.fonts", "~/.local
 # --- reading -----------------------------------------------------------------------------------
 
 def read_fonts_file(path: str | Path) -> tuple[np.ndarray, list[str]]:
-    """(images uint8 (F, 26, H, W), font names) from an .npz or .csv in the layouts above."""
+    """(images uint8 (F, 26, H, W), font names) from an .npz or .csv in the layouts above.
+
+    Float images in [0, 1] are scaled to 0..255; other value ranges, and files that are not in
+    these layouts, are a DataError naming the file."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"fonts file '{path}' does not exist; render one with `difftrain data fonts {path}`")
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            if "images" not in z:
-                raise DataError(f"'{path}' has no 'images' array (expected uint8 (fonts, 26, H, W))")
-            images = z["images"]
-            fonts = [str(f) for f in z["fonts"]] if "fonts" in z else [f"font{i}" for i in range(len(images))]
-    elif path.suffix == ".csv":
-        rows, fonts = [], []
-        with open(path, newline="") as f:
-            for i, row in enumerate(csv.reader(f)):
-                if i == 0 and row and row[0] == "font":
-                    continue
-                fonts.append(row[0])
-                rows.append(np.asarray(row[1:], dtype=np.float32))
-        if not rows:
-            raise DataError(f"'{path}' holds no fonts")
-        side = math.isqrt(len(rows[0]) // 26)
-        if any(len(r) != 26 * side * side for r in rows):
-            raise DataError(f"'{path}': every row needs a font name and 26*H*W pixel values (H = W)")
-        images = np.stack(rows).clip(0, 255).astype(np.uint8).reshape(len(rows), 26, side, side)
-    else:
+    if path.suffix not in (".npz", ".csv"):
         raise DataError(f"fonts file '{path}': expected .npz or .csv")
+    try:
+        images, fonts = _read_npz(path) if path.suffix == ".npz" else _read_csv(path)
+    except DataError:
+        raise
+    except (OSError, ValueError, TypeError, EOFError, KeyError, zipfile.BadZipFile, csv.Error) as e:
+        raise DataError(f"cannot read the fonts file '{path}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if images.ndim != 4 or images.shape[1] != 26:
         raise DataError(f"'{path}': images must be (fonts, 26, H, W), got {images.shape}")
-    return images.astype(np.uint8), fonts
+    if len(fonts) != len(images):
+        raise DataError(f"'{path}': {len(fonts)} font names for {len(images)} fonts")
+    return _to_uint8(images, path), fonts
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, list[str]]:
+    with np.load(path, allow_pickle=False) as z:
+        if "images" not in z:
+            raise DataError(f"'{path}' has no 'images' array (expected uint8 (fonts, 26, H, W))")
+        images = z["images"]
+        fonts = [str(f) for f in z["fonts"]] if "fonts" in z else [f"font{i}" for i in range(len(images))]
+    return images, fonts
+
+
+def _read_csv(path: Path) -> tuple[np.ndarray, list[str]]:
+    rows, fonts = [], []
+    with open(path, newline="") as f:
+        for i, row in enumerate(csv.reader(f)):
+            if (i == 0 and row and row[0] == "font") or not row:
+                continue
+            fonts.append(row[0])
+            rows.append(np.asarray(row[1:], dtype=np.float64))
+    if not rows:
+        raise DataError(f"'{path}' holds no fonts")
+    side = math.isqrt(len(rows[0]) // 26)
+    if side == 0 or any(len(r) != 26 * side * side for r in rows):
+        raise DataError(f"'{path}': every row needs a font name and 26*H*W pixel values (H = W)")
+    values = np.stack(rows).reshape(len(rows), 26, side, side)
+    return (values if (values != values.round()).any() else values.astype(np.int64)), fonts  # integers: 0..255
+
+
+def _to_uint8(images: np.ndarray, path: Path) -> np.ndarray:
+    """uint8 0..255 from integer images in 0..255, booleans, or float images in [0, 1]."""
+    if images.dtype == np.uint8:
+        return images
+    if images.dtype == np.bool_:
+        return images.astype(np.uint8) * 255
+    if images.size == 0:
+        return images.astype(np.uint8)
+    if np.issubdtype(images.dtype, np.integer):
+        lo, hi = int(images.min()), int(images.max())
+        if lo < 0 or hi > 255:
+            raise DataError(f"'{path}': integer pixel values must lie in 0..255, got {lo}..{hi}")
+        return images.astype(np.uint8)
+    if np.issubdtype(images.dtype, np.floating):
+        if not np.isfinite(images).all():
+            raise DataError(f"'{path}': the images hold NaN or infinite values")
+        lo, hi = float(images.min()), float(images.max())
+        if lo < 0 or hi > 1:
+            raise DataError(f"'{path}': float images must lie in [0, 1] (scaled to 0..255), got [{lo:g}, {hi:g}]; "
+                            f"store uint8 0..255 instead")
+        return np.round(images * 255).astype(np.uint8)
+    raise DataError(f"'{path}': images must be uint8 (or floats in [0, 1]), got {images.dtype}")
 
 
 def load_fonts_splits(path: str | None, image_size: int = 32, test_fraction: float = 0.1, split_seed: int = 0) -> Splits:
@@ -70,12 +112,17 @@ def load_fonts_splits(path: str | None, image_size: int = 32, test_fraction: flo
     if not path:
         raise DataError("data.name=fonts needs data.path=FILE.npz (or .csv); make one with `difftrain data fonts data/fonts.npz`")
     images, _ = read_fonts_file(path)
-    n = len(images)
+    n, h, w = len(images), images.shape[2], images.shape[3]
+    if n == 0 or h == 0 or w == 0:
+        raise DataError(f"'{path}' holds no letter images (shape {images.shape})")
+    if h != w:
+        raise DataError(f"'{path}': the letters are {h}x{w} (H x W) but the models need square images; "
+                        f"render the set again with `difftrain data fonts`")
     x = torch.from_numpy(images)  # (F, 26, H, W)
     if image_size != x.shape[-1]:
         x = F.interpolate(x.float().flatten(0, 1)[:, None], size=(image_size, image_size), mode="bilinear",
                           antialias=True, align_corners=False).round().clamp(0, 255).to(torch.uint8).view(n, 26, image_size, image_size)
-    n_test = int(round(n * test_fraction)) if n > 1 else 0
+    n_test = min(int(round(n * test_fraction)), n - 1)  # at least one font trains
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
 
     def subset(idx: torch.Tensor) -> ImageSet:

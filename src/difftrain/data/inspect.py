@@ -21,8 +21,11 @@ from difftrain.data import DataError
 from difftrain.data.cifar import LAYOUTS as CIFAR_LAYOUTS
 from difftrain.data.cifar import find_cifar_folder
 from difftrain.data.folder import class_of, list_images, read_image, resolve_class_source
-from difftrain.data.fonts import read_fonts_file
-from difftrain.data.shards import DECODE_ERRORS, INDEX_NAME, decode, is_url, iter_shard, resolve_shards
+from difftrain.data.fonts import LETTERS, read_fonts_file
+from difftrain.data.images import to_pil
+from difftrain.data.shards import (
+    DECODE_ERRORS, INDEX_NAME, check_count, check_label, decode, is_url, iter_shard, resolve_shards,
+)
 
 NATIVE_SIZE = {"digits": 8, "mnist": 28, "fashion_mnist": 28, "cifar10": 32, "cifar100": 32}
 MAX_PREVIEW_ROWS = 26
@@ -88,15 +91,13 @@ def _grid(images: list[np.ndarray], rows: list[int], cols: int) -> Image.Image:
     """images (C, H, W) uint8, row index each -> one PIL image, small images upscaled to >= 32 px."""
     c, h, w = images[0].shape
     n_rows = max(rows) + 1
-    canvas = np.full((n_rows * (h + 1) + 1, cols * (w + 1) + 1, c), 128, np.uint8)
+    canvas = np.full((c, n_rows * (h + 1) + 1, cols * (w + 1) + 1), 128, np.uint8)
     filled = Counter()
     for img, r in zip(images, rows):
         k = filled[r]
         filled[r] += 1
-        canvas[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + k * (w + 1) : 1 + k * (w + 1) + w] = img.transpose(1, 2, 0)
-    scale = max(1, 32 // h)
-    canvas = canvas.repeat(scale, 0).repeat(scale, 1)
-    return Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+        canvas[:, 1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + k * (w + 1) : 1 + k * (w + 1) + w] = img
+    return to_pil(canvas, max(1, 32 // h))
 
 
 class _Preview:
@@ -161,29 +162,56 @@ def _inspect_shards(report: Report, spec: str, image_size: int, preview: _Previe
     urls, meta = resolve_shards(spec)
     report.class_names = list(meta["classes"]) if meta else []
     report.unreadable.extend(meta.get("skipped", []) if meta else [])
+    counts = [s["count"] for s in meta["shards"]] if meta else [None] * len(urls)
     counter: Counter = Counter()
     seen = 0
-    for url in urls:
-        for key, payload, label in iter_shard(url):
-            if limit and seen >= limit:
-                break
-            seen += 1
-            try:
-                if payload is None:
-                    raise ValueError("no image member")
-                with Image.open(io.BytesIO(payload)) as img:
-                    size, mode = img.size, img.mode
-                if preview.want(label):
-                    preview.add(decode(payload, image_size, 3), label)
-            except DECODE_ERRORS as e:
-                report.unreadable.append(f"{url}:{key}: {e}")
-                continue
-            report.sizes[f"{size[0]}x{size[1]} {mode}"] += 1
-            name = report.class_names[label] if label < len(report.class_names) else str(label)
-            counter[name] += 1
+    for url, expected in zip(urls, counts):
+        if limit and seen >= limit:
+            break
+        try:
+            read = _inspect_shard(report, url, image_size, preview, counter, limit - seen if limit else 0)
+            seen += read
+            if not limit:
+                check_count(url, read, expected)
+        except DataError as e:  # a truncated shard, a bad label or count: listed, the other shards still read
+            report.unreadable.append(str(e))
     report.counts["all" if not limit else f"first {seen} read"] = sum(counter.values())
     report.counts["shards"] = len(urls)
     report.class_counts["all"] = counter
+
+
+def _inspect_shard(report: Report, url: str, image_size: int, preview: _Preview, counter: Counter, limit: int) -> int:
+    """Adds one shard's samples to the report; returns how many were read (at most `limit` when > 0)."""
+    seen = 0
+    for key, payload, label in iter_shard(url):
+        if limit and seen >= limit:
+            break
+        seen += 1
+        try:
+            check_label(label, len(report.class_names), url, key)
+            if payload is None:
+                raise ValueError("no image member")
+            with Image.open(io.BytesIO(payload)) as img:
+                size, mode = img.size, img.mode
+            if preview.want(label):
+                preview.add(decode(payload, image_size, 3), label)
+        except (*DECODE_ERRORS, DataError) as e:
+            report.unreadable.append(f"{url}:{key}: {e}" if not isinstance(e, DataError) else str(e))
+            continue
+        report.sizes[f"{size[0]}x{size[1]} {mode}"] += 1
+        counter[report.class_names[label] if report.class_names else str(label)] += 1
+    return seen
+
+
+def _inspect_fonts(report: Report, images: np.ndarray, preview: _Preview) -> None:
+    """A fonts file's letters (F, 26, H, W) uint8 as they are on disk, at their own H x W."""
+    report.class_names = list(LETTERS)
+    report.counts.update({"all": images.shape[0] * 26, "fonts": images.shape[0]})
+    report.class_counts["all"] = Counter({letter: images.shape[0] for letter in LETTERS})
+    report.sizes[f"1x{images.shape[2]}x{images.shape[3]}"] += images.shape[0] * 26
+    for font in images[: preview.per_class]:
+        for row, letter in enumerate(font):
+            preview.add(letter[None], row)
 
 
 def _inspect_loaded(report: Report, cfg: DataConfig, preview: _Preview) -> None:
@@ -222,12 +250,12 @@ def inspect_source(source: str, *, name: str | None = None, preview: str | Path 
         _inspect_shards(report, source, size, grid, limit)
     else:
         path = None if (kind == source and not Path(source).exists()) else source
-        if kind == "fonts":
-            size = image_size or read_fonts_file(source)[0].shape[-1]
+        fonts = read_fonts_file(source)[0] if kind == "fonts" else None  # (F, 26, H, W)
+        if fonts is not None and fonts.shape[2] != fonts.shape[3]:
+            _inspect_fonts(report, fonts, grid)  # training refuses non-square letters: show them as they are
         else:
-            size = image_size or NATIVE_SIZE.get(kind, 32)
-        cfg = DataConfig(name=kind, path=path, image_size=size, download=download)
-        _inspect_loaded(report, cfg, grid)
+            size = image_size or (fonts.shape[-1] if fonts is not None else NATIVE_SIZE.get(kind, 32))
+            _inspect_loaded(report, DataConfig(name=kind, path=path, image_size=size, download=download), grid)
     report.preview = grid.save(preview)
     return report
 

@@ -3,8 +3,10 @@
 A shard is a plain tar file holding, per sample, `KEY.png` (the image) and `KEY.cls` (the
 class index as decimal text), members of one sample next to each other: the layout of
 WebDataset (Aizman et al. 2019), read here with Python's `tarfile` in streaming mode, from
-local paths or http(s) URLs (urllib), so no extra dependency is needed. `write_shards` also
-writes `shards.json` (class names and per-shard counts) next to the shards.
+local paths or http(s) URLs (urllib), so no extra dependency is needed. `write_shards`
+(shard_writer.py) also writes `shards.json` (class names and per-shard counts) next to the shards.
+Reading checks each shard against it: a truncated shard, fewer samples than the index lists or a
+label outside its classes is a DataError naming the shard (and the sample).
 
 A source (`data.path`) is a folder of shards, a `shards.json` path or URL, a brace pattern
 `train-{000000..000009}.tar` (local or URL), or a comma-separated list of shard paths/URLs.
@@ -25,90 +27,21 @@ import tarfile
 import urllib.parse
 import urllib.request
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterator
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from difftrain.data.folder import DataError, class_of, find_images, read_image, resolve_class_source
+from difftrain.data.folder import DECODE_ERRORS, DataError, read_image
 from difftrain.data.memory import ImageSet, to_model_range
+from difftrain.data.shard_writer import INDEX_NAME, write_shards  # noqa: F401 (also imported from here)
 
-INDEX_NAME = "shards.json"
 IMAGE_KEYS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError)
-
-
-# --- writing -------------------------------------------------------------------------------
-
-def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(payload), 0, 0o644  # fixed metadata: identical input gives identical shards
-    tar.addfile(info, io.BytesIO(payload))
-
-
-def _png_bytes(path: Path, image_size: int | None, channels: int | None) -> bytes:
-    if image_size:
-        arr = read_image(path, image_size, channels or 3)  # (C, H, W) uint8
-        img = Image.fromarray(arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0))
-    else:
-        with Image.open(path) as img:
-            img.load()
-            img = img.convert("L" if channels == 1 or (channels is None and img.mode in ("1", "L", "I;16")) else "RGB")
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def write_shards(folder: str | Path, out: str | Path, shard_size: int, *, image_size: int | None = None,
-                 channels: int | None = None, class_from: str = "auto", seed: int = 0, prefix: str = "shard") -> dict:
-    """Write the images under `folder` as shuffled tar shards of `shard_size` samples into `out`.
-
-    Images are re-encoded as PNG (resized and center-cropped first when image_size is given);
-    classes come from sub-folders or file-name prefixes as for `data.name=folder`. Returns the
-    index also written to OUT/shards.json; unreadable files are left out and listed there.
-    """
-    if shard_size <= 0:
-        raise DataError(f"--shard-size must be positive, got {shard_size}")
-    root, files = find_images(folder)
-    source = resolve_class_source(files, root, class_from)
-    names = [class_of(f, root, source) for f in files]
-    classes = sorted(set(names)) if source != "none" else []
-    index = {c: i for i, c in enumerate(classes)}
-    # Shuffle before writing: a shard then mixes classes, and in-shard shuffling suffices when streaming.
-    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
-    out = Path(out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    shards, skipped, tar, count = [], [], None, 0
-    for n, i in enumerate(order):
-        try:
-            payload = _png_bytes(files[i], image_size, channels)
-        except DECODE_ERRORS as e:
-            skipped.append(f"{files[i]}: {e}")
-            continue
-        if tar is None or count == shard_size:
-            if tar is not None:
-                tar.close()
-                shards.append({"file": name, "count": count})
-            name = f"{prefix}-{len(shards):06d}.tar"
-            tar, count = tarfile.open(out / name, "w", format=tarfile.USTAR_FORMAT), 0
-        key = f"{n:09d}"
-        _add_member(tar, f"{key}.png", payload)
-        _add_member(tar, f"{key}.cls", str(index.get(names[i], 0)).encode())
-        count += 1
-    if tar is not None:
-        tar.close()
-        shards.append({"file": name, "count": count})
-    if not shards:
-        raise DataError(f"none of the {len(files)} images under '{root}' could be read")
-    meta = {"format": "difftrain-shards", "version": 1, "classes": classes, "image_size": image_size,
-            "shards": shards, "skipped": skipped}
-    (out / INDEX_NAME).write_text(json.dumps(meta, indent=1))
-    return meta
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -139,10 +72,18 @@ def _open(spec: str) -> IO[bytes]:
 
 
 def _read_index(spec: str) -> dict:
-    with _open(spec) as f:
-        meta = json.load(f)
-    if meta.get("format") != "difftrain-shards":
+    try:
+        with _open(spec) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read the shard index '{spec}': {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != "difftrain-shards":
         raise DataError(f"'{spec}' is not a shard index (written by `difftrain data shard`)")
+    shards, classes = meta.get("shards"), meta.get("classes")
+    if (not isinstance(shards, list) or not isinstance(classes, list)
+            or not all(isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("count"), int)
+                       for s in shards)):
+        raise DataError(f"shard index '{spec}' is damaged: it needs 'classes' and 'shards' [{{file, count}}, ...]")
     base = spec.rsplit("/", 1)[0] if is_url(spec) else str(Path(spec).parent)
     for s in meta["shards"]:
         s["url"] = f"{base}/{s['file']}"
@@ -173,24 +114,35 @@ def resolve_shards(spec: str) -> tuple[list[str], dict | None]:
     return urls, None
 
 
+def _label(data: bytes, url: str, key: str) -> int:
+    try:
+        return int(data.decode().strip())
+    except (UnicodeDecodeError, ValueError):
+        raise DataError(f"shard '{url}': sample '{key}' has the label {data[:20]!r}, not a class index") from None
+
+
 def iter_shard(url: str) -> Iterator[tuple[str, bytes | None, int]]:
-    """(key, image bytes or None, class index) per sample of one shard, read as a stream."""
+    """(key, image bytes or None, class index) per sample of one shard, read as a stream; a DataError
+    naming the shard when it is missing, truncated inside a member or not a tar file."""
     key, image, label = None, None, 0
-    with _open(url) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            base, _, ext = member.name.rpartition(".")
-            ext = "." + ext.lower()
-            if base != key:
-                if key is not None:
-                    yield key, image, label
-                key, image, label = base, None, 0
-            data = tar.extractfile(member).read()
-            if ext in IMAGE_KEYS:
-                image = data
-            elif ext == ".cls":
-                label = int(data.decode().strip())
+    try:
+        with _open(url) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base, _, ext = member.name.rpartition(".")
+                ext = "." + ext.lower()
+                if base != key:
+                    if key is not None:
+                        yield key, image, label
+                    key, image, label = base, None, 0
+                data = tar.extractfile(member).read()
+                if ext in IMAGE_KEYS:
+                    image = data
+                elif ext == ".cls":
+                    label = _label(data, url, base)
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        raise DataError(f"shard '{url}' is truncated or not a tar file ({e}); rewrite it with `difftrain data shard`") from None
     if key is not None:
         yield key, image, label
 
@@ -201,15 +153,36 @@ def decode(payload: bytes | None, image_size: int, channels: int) -> np.ndarray:
     return read_image(io.BytesIO(payload), image_size, channels)
 
 
-def read_shard(url: str, image_size: int, channels: int) -> tuple[Tensor, Tensor, list[str]]:
-    """All samples of a shard: images (n, C, H, W) uint8, labels (n,), unreadable 'url:key: error' strings."""
+def check_label(label: int, num_classes: int, url: str, key: str) -> None:
+    """A DataError unless 0 <= label < num_classes (num_classes 0: an unlabelled set, anything goes)."""
+    if num_classes and not 0 <= label < num_classes:
+        raise DataError(f"shard '{url}': sample '{key}' has the label {label}, outside the classes 0..{num_classes - 1} "
+                        f"of {INDEX_NAME}")
+
+
+def check_count(url: str, found: int, expected: int | None) -> None:
+    """A DataError when a shard holds fewer samples than its index lists: a tar cut at a member boundary
+    reads as a shorter valid tar."""
+    if expected is not None and found < expected:
+        raise DataError(f"shard '{url}' holds {found} samples but {INDEX_NAME} lists {expected}: it is truncated; "
+                        f"copy it again or rewrite it with `difftrain data shard`")
+
+
+def read_shard(url: str, image_size: int, channels: int, num_classes: int = 0,
+               expected: int | None = None) -> tuple[Tensor, Tensor, list[str]]:
+    """All samples of a shard: images (n, C, H, W) uint8, labels (n,), unreadable 'url:key: error' strings.
+
+    A DataError names the shard when it is truncated, holds fewer than `expected` samples (its count in
+    the index) or a label outside 0..num_classes - 1."""
     arrays, labels, bad = [], [], []
     for key, payload, label in iter_shard(url):
+        check_label(label, num_classes, url, key)
         try:
             arrays.append(decode(payload, image_size, channels))
             labels.append(label)
         except DECODE_ERRORS as e:
             bad.append(f"{url}:{key}: {e}")
+    check_count(url, len(arrays) + len(bad), expected)
     images = torch.from_numpy(np.stack(arrays)) if arrays else torch.zeros(0, channels, image_size, image_size, dtype=torch.uint8)
     return images, torch.tensor(labels, dtype=torch.long), bad
 
@@ -222,19 +195,28 @@ def _generator(seed: int, *keys: int) -> torch.Generator:
 
 
 class _EpochShards(IterableDataset):
-    """One epoch from shard position `start` on: yields (images, labels, unreadable) per shard, shuffled."""
+    """One epoch from shard position `start` on: yields (images, labels, unreadable, error) per shard, shuffled.
 
-    def __init__(self, urls: list[str], order: list[int], start: int, image_size: int, channels: int, seed: int, epoch: int):
-        self.urls, self.order, self.start = urls, order, start
-        self.image_size, self.channels, self.seed, self.epoch = image_size, channels, seed, epoch
+    A shard that fails (truncated, a bad label) yields its DataError message as `error`, so a worker
+    process hands it to the training process, which raises it, instead of a worker traceback."""
+
+    def __init__(self, data: ShardSet, order: list[int], start: int, seed: int, epoch: int):
+        self.data, self.order, self.start, self.seed, self.epoch = data, order, start, seed, epoch
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        d = self.data
         for pos in range(self.start + worker, len(self.order), workers):
-            images, labels, bad = read_shard(self.urls[self.order[pos]], self.image_size, self.channels)
+            i = self.order[pos]
+            try:
+                images, labels, bad = read_shard(d.urls[i], d.image_size, d.channels, d.num_classes,
+                                                 d.counts[i] if d.counts else None)
+            except DataError as e:
+                yield None, None, [], str(e)
+                return
             perm = torch.randperm(len(labels), generator=_generator(self.seed, self.epoch, pos))
-            yield images[perm], labels[perm], bad
+            yield images[perm], labels[perm], bad, None
 
 
 @dataclass
@@ -288,7 +270,7 @@ class ShardStream:
     def _start_epoch(self) -> None:
         n = len(self.data.urls)
         order = torch.randperm(n, generator=_generator(self.seed, self.epoch)).tolist()
-        ds = _EpochShards(self.data.urls, order, self.shard, self.data.image_size, self.data.channels, self.seed, self.epoch)
+        ds = _EpochShards(self.data, order, self.shard, self.seed, self.epoch)
         workers = min(self.data.num_workers, max(1, n - self.shard))
         loader = DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=self.data.prefetch if workers else None,
                             pin_memory=self.device.type == "cuda")
@@ -299,11 +281,13 @@ class ShardStream:
             if self._it is None:
                 self._start_epoch()
             try:
-                images, labels, bad = next(self._it)
+                images, labels, bad, error = next(self._it)
             except StopIteration:
                 self._it = None
                 self.epoch, self.offset, self.shard, self.item = self.epoch + 1, 0, 0, 0
                 continue
+            if error:
+                raise DataError(error)
             if bad:
                 warnings.warn(f"skipped {len(bad)} unreadable sample(s): {', '.join(bad[:3])}")
             return images, labels
@@ -346,6 +330,7 @@ def load_shards_in_memory(spec: str, image_size: int, channels: int | None = Non
     """A (small) shard source read whole into memory, e.g. the validation split."""
     urls, meta = resolve_shards(spec)
     channels = channels or 3
-    parts = [read_shard(u, image_size, channels) for u in urls]
     names = class_names if class_names is not None else (list(meta["classes"]) if meta else [])
+    counts = [s["count"] for s in meta["shards"]] if meta else [None] * len(urls)
+    parts = [read_shard(u, image_size, channels, len(names), n) for u, n in zip(urls, counts)]
     return ImageSet(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), names)
