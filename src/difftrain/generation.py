@@ -20,6 +20,7 @@ from difftrain.checkpoint import (
     CheckpointError, atomic_write, load_checkpoint, load_model_state, newest_valid_checkpoint, select_weights,
 )
 from difftrain.config import Config, ConfigError, config_from_dict
+from difftrain.data.images import to_pil, to_pil_images
 from difftrain.data.memory import to_uint8
 from difftrain.latent import decoder_for
 from difftrain.models import build_model
@@ -157,16 +158,10 @@ def grid_order(labels: Tensor | None, n: int) -> tuple[Tensor, int]:
 def write_grid(images: Tensor, labels: Tensor | None, path: Path, *, scale: int | None = None) -> Path:
     """A PNG grid (one class per row when possible); small images are upscaled to be legible."""
     from torchvision.utils import make_grid
-    from PIL import Image
 
     order, nrow = grid_order(labels, len(images))
     grid = make_grid(images[order], nrow=nrow, padding=1, pad_value=128)  # (C, H, W) uint8
-    size = images.shape[-1]
-    scale = scale or max(1, 32 // size)
-    if scale > 1:
-        grid = grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
-    arr = grid.permute(1, 2, 0).numpy()
-    img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+    img = to_pil(grid, scale or max(1, 32 // images.shape[-1]))  # small images upscaled
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: img.save(f, format="PNG"))
     return path
@@ -184,17 +179,14 @@ def write_npz(images: Tensor, labels: Tensor | None, path: Path) -> Path:
 
 def write_png_dir(images: Tensor, labels: Tensor | None, folder: Path, class_names: list[str] | None = None) -> Path:
     """One PNG per sample named CLASS_NNNNNN.png, readable back as an image folder (class from prefix)."""
-    from PIL import Image
-
     folder.mkdir(parents=True, exist_ok=True)
-    for i, img in enumerate(images):
-        arr = img.permute(1, 2, 0).numpy()
+    for i, img in enumerate(to_pil_images(images)):
         if labels is not None:
             name = class_names[int(labels[i])] if class_names else str(int(labels[i]))
             file = folder / f"{name}_{i:06d}.png"
         else:
             file = folder / f"{i:06d}.png"
-        Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(file)
+        img.save(file)
     return folder
 
 
@@ -205,7 +197,6 @@ def write_trajectory(frames: list[Tensor], labels: Tensor | None, path: Path, *,
                      max_frames: int = 20, duration_ms: int = 80) -> Path:
     """The denoising trajectory (from `generate(..., trajectory=frames)`): an animated GIF of grids,
     or a strip PNG with one row per sample and `max_frames` columns from noise to the sample."""
-    from PIL import Image
     from torchvision.utils import make_grid
 
     if fmt not in TRAJECTORY_FORMATS:
@@ -216,19 +207,13 @@ def write_trajectory(frames: list[Tensor], labels: Tensor | None, path: Path, *,
     scale = max(1, 32 // chosen[0].shape[-1])
     path.parent.mkdir(parents=True, exist_ok=True)
 
-    def to_pil(grid: Tensor) -> "Image.Image":
-        if scale > 1:
-            grid = grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
-        arr = grid.permute(1, 2, 0).numpy()
-        return Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
-
     if fmt == "strip":
         tiles = torch.stack(chosen, dim=1).flatten(0, 1)  # (n * frames, C, H, W), row i = sample i over time
-        img = to_pil(make_grid(tiles, nrow=len(chosen), padding=1, pad_value=128))
+        img = to_pil(make_grid(tiles, nrow=len(chosen), padding=1, pad_value=128), scale)
         atomic_write(path, lambda f: img.save(f, format="PNG"))
         return path
     order, nrow = grid_order(labels, len(chosen[0]))
-    pics = [to_pil(make_grid(frame[order], nrow=nrow, padding=1, pad_value=128)) for frame in chosen]
+    pics = [to_pil(make_grid(frame[order], nrow=nrow, padding=1, pad_value=128), scale) for frame in chosen]
     pics += [pics[-1]] * 5  # hold the final samples
     atomic_write(path, lambda f: pics[0].save(f, format="GIF", save_all=True, append_images=pics[1:],
                                              duration=duration_ms, loop=0))
