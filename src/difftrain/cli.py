@@ -1,4 +1,4 @@
-"""Command line: `difftrain train | sample | recipes | data | eval`. It only builds typed configs and calls the library."""
+"""Command line: `difftrain train | sample | recipes | data | eval | report`. It only builds typed configs and calls the library."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ def _error_types() -> tuple[type[BaseException], ...]:
     from difftrain.checkpoint import CheckpointError
     from difftrain.data import DataError
     from difftrain.evaluation import EvaluationError
+    from difftrain.report import ReportError
     from difftrain.training import TrainingError
 
-    return (ConfigError, CheckpointError, DataError, TrainingError, EvaluationError)
+    return (ConfigError, CheckpointError, DataError, TrainingError, EvaluationError, ReportError)
 
 
 def parse_classes(text: str, num_classes: int) -> list[int] | None:
@@ -312,6 +313,28 @@ def _add_eval_command(sub) -> None:
     e.set_defaults(func=cmd_eval)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from difftrain.report import write_comparison, write_report
+
+    if len(args.runs) == 1:
+        out = write_report(args.runs[0], args.out)
+    else:
+        out = write_comparison(args.runs, args.out or "compare.html")
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_report_command(sub) -> None:
+    r = sub.add_parser("report", help="an HTML page of a run's curves, grids, config and hardware",
+                       description="Write RUN/report.html: one self-contained page (no server, no scripts) with the "
+                       "resolved config, the metric curves, the grids over training, the final grid, the hardware and "
+                       "the time. With several runs, one page (--out, default compare.html) overlays their curves "
+                       "and shows their final grids side by side. Works on killed runs: it reports what is on disk.")
+    r.add_argument("runs", nargs="+", metavar="RUN", help="run directory (several: a comparison page)")
+    r.add_argument("--out", default=None, help="output file (default RUN/report.html, or compare.html for several runs)")
+    r.set_defaults(func=cmd_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="difftrain", description="Train, sample and evaluate image diffusion models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -358,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_data_commands(sub)
     _add_eval_command(sub)
+    _add_report_command(sub)
     return p
 
 
