@@ -12,6 +12,11 @@ import yaml
 
 from difftrain.config import ConfigError, load_config, recipe_names, recipe_text
 
+# argparse's choices, written out so that building the parser (`--help`) does not import torch;
+# tests/test_cli_startup.py checks them against samplers.sampler_names() and samplers.SPACINGS.
+SAMPLER_NAMES = ("ddim", "ddpm", "dpmpp-2m", "dpmpp-2m-sde", "euler", "heun")
+SPACING_NAMES = ("leading", "trailing", "linspace", "karras")
+
 
 def _error_types() -> tuple[type[BaseException], ...]:
     from difftrain.checkpoint import CheckpointError
@@ -295,9 +300,7 @@ def _add_eval_command(sub) -> None:
                    help="digits: offline classifier metric (default for digit data); fid: FID/KID/IS/precision-recall "
                    "through torch-fidelity (needs it installed and the Inception weights on disk)")
     e.add_argument("--n", type=int, default=1000, help="samples to draw from RUN (default 1000)")
-    from difftrain.samplers import sampler_names
-
-    e.add_argument("--sampler", choices=sampler_names(), default=None, help="default: the recipe's")
+    e.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, help="default: the recipe's")
     e.add_argument("--steps", type=int, default=None)
     e.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the recipe's)")
     e.add_argument("--seed", type=int, default=0)
@@ -346,12 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     t.set_defaults(func=cmd_train)
 
-    from difftrain.samplers import SPACINGS, sampler_names
-
     s = sub.add_parser("sample", help="sample from a trained run", description="Sample from RUN (a run directory or a checkpoint file).")
     s.add_argument("run", help="run directory or checkpoint .pt")
     s.add_argument("--n", type=int, default=100, help="number of samples (default 100)")
-    s.add_argument("--sampler", choices=sampler_names(), default=None,
+    s.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
                    help="default: the recipe's; process flow offers euler and heun")
     s.add_argument("--steps", type=int, default=None, help="sampling steps; ddpm walks all timesteps unless --respacing")
     s.add_argument("--respacing", default=None, help='guided-diffusion timestep_respacing: "250", "ddim50", "10,15,20"')
@@ -360,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guide only where LO <= t/T <= HI (e.g. 0.1,0.7); elsewhere the conditional model")
     s.add_argument("--eta", type=float, default=None, help="DDIM eta (0 deterministic)")
     s.add_argument("--variance", choices=["auto", "small", "large", "learned"], default=None, help="ddpm variance")
-    s.add_argument("--spacing", choices=list(SPACINGS), default=None, help="karras: Karras et al. 2022 sigmas")
+    s.add_argument("--spacing", choices=SPACING_NAMES, default=None, help="karras: Karras et al. 2022 sigmas")
     s.add_argument("--clip-x0", dest="clip_x0", action=argparse.BooleanOptionalAction, default=None)
     s.add_argument("--classes", default="all", help="all, 3, 0-9 or 1,4,7 (labels cycle through them)")
     s.add_argument("--seed", type=int, default=0)
