@@ -21,21 +21,26 @@ def write_idx(path, array: np.ndarray, compress: bool) -> None:
     path.write_bytes(data)
 
 
-def write_mnist(folder, n_train=20, n_test=10, compress=True, seed=0):
+def write_mnist(folder, n_train=20, n_test=10, compress=True, seed=0, dotted=False, arrays=None):
+    """The four IDX files of random images (or of `arrays`: {"train": (images, labels), "test": ...}),
+    named as torchvision names them or, with `dotted`, `train-images.idx3-ubyte` etc."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    arrays = {}
+    arrays = dict(arrays or {})
     for kind, n in (("train", n_train), ("test", n_test)):
-        images, labels = rng.integers(0, 256, (n, 28, 28)), rng.integers(0, 10, n)
-        write_idx(folder / FILES[kind][0], images, compress)
-        write_idx(folder / FILES[kind][1], labels, compress)
+        images, labels = arrays.get(kind) or (rng.integers(0, 256, (n, 28, 28)), rng.integers(0, 10, n))
+        for stem, array in zip(FILES[kind], (images, labels)):
+            write_idx(folder / (stem.replace("-idx", ".idx") if dotted else stem), np.asarray(array), compress)
         arrays[kind] = images, labels
     return arrays
 
 
 @pytest.mark.parametrize("compress", [True, False])
-def test_reads_idx_files(tmp_path, compress):
-    arrays = write_mnist(tmp_path, compress=compress)
+@pytest.mark.parametrize("dotted", [False, True])
+def test_reads_idx_files(tmp_path, compress, dotted):
+    arrays = write_mnist(tmp_path, compress=compress, dotted=dotted)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert ("train-images.idx3-ubyte" in names[2]) == dotted and names[0].endswith(".gz") == compress
     splits = load_data(DataConfig(name="mnist", path=str(tmp_path), image_size=28))
     assert splits.train.images.shape == (20, 1, 28, 28) and splits.train.images.dtype == torch.uint8
     assert np.array_equal(splits.train.images[:, 0].numpy(), arrays["train"][0])
@@ -55,6 +60,20 @@ def test_missing_files_name_what_is_expected(tmp_path):
         load_data(DataConfig(name="mnist", path=str(tmp_path)))
     msg = str(e.value)
     assert "train-images-idx3-ubyte" in msg and "t10k-labels-idx1-ubyte" in msg and "data.download=true" in msg
+    assert "train-images.idx3-ubyte[.gz]" in msg and str(tmp_path / "MNIST" / "raw") in msg
+
+
+def test_mixed_names_and_the_one_missing_file(tmp_path):
+    """Files may mix both naming styles; a missing one is named alone, with the folders looked in."""
+    write_mnist(tmp_path, compress=False, dotted=True)
+    (tmp_path / "train-images.idx3-ubyte").rename(tmp_path / "train-images-idx3-ubyte")
+    assert load_data(DataConfig(name="mnist", path=str(tmp_path), image_size=28)).train.images.shape == (20, 1, 28, 28)
+    (tmp_path / "t10k-labels.idx1-ubyte").unlink()
+    with pytest.raises(DataError) as e:
+        load_data(DataConfig(name="mnist", path=str(tmp_path)))
+    msg = str(e.value)
+    assert "t10k-labels-idx1-ubyte[.gz] or t10k-labels.idx1-ubyte[.gz]" in msg and "train-images" not in msg
+    assert f"{tmp_path}/ and in {tmp_path / 'MNIST' / 'raw'}/" in msg
 
 
 def test_bad_and_truncated_files(tmp_path):

@@ -1,7 +1,9 @@
 """MNIST and Fashion-MNIST from their IDX files (gzip or raw) in a local folder.
 
 The folder may hold the four files directly or in torchvision's layout (FOLDER/MNIST/raw,
-FOLDER/FashionMNIST/raw). Nothing is fetched unless asked: with `download=True` and the files
+FOLDER/FashionMNIST/raw), each named as torchvision names it (`train-images-idx3-ubyte`) or
+with a dot before `idx` (`train-images.idx3-ubyte`, as several distributions name them), raw
+or with `.gz` added. Nothing is fetched unless asked: with `download=True` and the files
 missing, torchvision downloads them into FOLDER/<name>/raw.
 """
 
@@ -43,9 +45,15 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape)
 
 
+def file_names(stem: str) -> list[str]:
+    """The names a file of `FILES` may have: torchvision's, or with a dot before `idx`; raw or gzip."""
+    dotted = stem.replace("-idx", ".idx")
+    return [stem, stem + ".gz", dotted, dotted + ".gz"]
+
+
 def _find(folders: list[Path], stem: str) -> Path | None:
     for folder in folders:
-        for name in (stem, stem + ".gz"):
+        for name in file_names(stem):
             if (folder / name).is_file():
                 return folder / name
     return None
@@ -68,8 +76,9 @@ def load_mnist_splits(name: str = "mnist", path: str | None = None, *, image_siz
             raise DataError(f"downloading {sub} into '{root}' failed: {e}") from None
     missing = [s for s in stems if _find(folders, s) is None]
     if missing:
+        looked_for = "; ".join(f"{s}[.gz] or {file_names(s)[2]}[.gz]" for s in missing)
         raise DataError(
-            f"{name}: missing {', '.join(missing)} (raw or .gz) in {' or '.join(f'{f}/' for f in folders)}; "
+            f"{name}: IDX files missing in {' and in '.join(f'{f}/' for f in folders)}: looked for {looked_for}; "
             f"put the IDX files there, point data.path at their folder, or set data.download=true to fetch them"
         )
 
