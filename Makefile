@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 RUN_DIR ?= runs/digits
 
-.PHONY: demo test test-all bench clean
+.PHONY: demo test test-all lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,13 @@ test: $(VENV)/.installed-dev
 
 test-all: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -m ""
+
+$(BIN)/ruff: | $(BIN)/python
+	$(BIN)/python -m pip install -q 'ruff>=0.5'
+
+# Lint with the [tool.ruff] rules of pyproject.toml (`ruff check --fix` applies the safe fixes).
+lint: $(BIN)/ruff
+	$(BIN)/ruff check src tests bench
 
 # Benchmarks with their default settings (about 25 min on 2 idle cores), then the README "Performance" table.
 bench: $(VENV)/.installed-dev
