@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, cpu_name  # noqa: E402
+
 # name: (processes, threads per process)
 VARIANTS = {
     "1 process x 2 threads": (1, 2),

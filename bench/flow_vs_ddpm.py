@@ -102,7 +102,8 @@ def main() -> None:
     meta = {"scale": args.scale, "n": args.n, "threads": args.threads or torch.get_num_threads(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "load_average_at_end": os.getloadavg()}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    lines = ["| recipe | steps | CPU min | wall min | accuracy | Fréchet | sampling CPU s / 100 |", "|---|---|---|---|---|---|---|"]
+    lines = ["| recipe | steps | CPU min | wall min | accuracy | Fréchet | sampling CPU s / 100 |",
+             "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['recipe']} | {r['steps']} | {r['cpu_min']:.2f} | {r['wall_min']:.2f} | {r['accuracy']:.3f} | "
               f"{r['frechet']:.3f} | {r['sample_cpu_s_per_100']:.1f} |" for r in rows]
     lines.append(f"\nceiling accuracy (real test digits) {rows[0]['ceiling_accuracy']:.3f}; Fréchet floor (train vs test) "

@@ -8,7 +8,6 @@ from difftrain.models import MODELS, build_model
 from difftrain.models.dit import DIT_PRESETS, SIZES, DiT, apply_rope, grid_positions, rope_2d
 from difftrain.processes import build_process
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -91,7 +90,8 @@ def test_reference_size():
     """The MNIST reference: 3 layers, width 256, 4 heads, patch 2 on 28x28 (196 tokens + the class token)."""
     m = build_model(ModelConfig(name="dit", hidden_size=256, depth=3, num_heads=4, patch_size=2,
                                 image_size=28, in_channels=1, num_classes=10))
-    assert m.grid == 14 and sum(p.numel() for p in m.parameters()) == 3_818_756  # 15 MB in float32; the reference reports about 27 MB
+    # 15 MB in float32; the reference reports about 27 MB
+    assert m.grid == 14 and sum(p.numel() for p in m.parameters()) == 3_818_756
 
 
 def test_tiny_dit_overfits_one_batch():

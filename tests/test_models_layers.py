@@ -2,10 +2,11 @@
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
-from difftrain.models.layers import class_labels, group_norm, timestep_embedding, zero_init
+from difftrain.models.layers import check_unet_size, class_labels, group_norm, timestep_embedding, zero_init
 
 
 def test_timestep_embedding_is_cos_then_sin_and_pads_odd_widths():
@@ -29,3 +30,9 @@ def test_zero_init_and_null_class_labels():
     assert class_labels(None, 10, x).tolist() == [10, 10, 10]
     y = torch.tensor([1, 2, 3])
     assert class_labels(y, 10, x) is y
+
+
+def test_unet_size_check_names_the_levels():
+    check_unet_size(32, (1, 2, 2, 2))
+    with pytest.raises(ValueError, match=r"image_size 28 is not divisible by 2\*\*3 \(channel_mult \[1, 2, 2, 2\]\)"):
+        check_unet_size(28, (1, 2, 2, 2))

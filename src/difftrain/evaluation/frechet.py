@@ -8,7 +8,6 @@ Shared by the digits metric (classifier features) and FID (Inception features).
 from __future__ import annotations
 
 import numpy as np
-import torch
 from torch import Tensor
 
 

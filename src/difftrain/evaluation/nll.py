@@ -13,9 +13,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from difftrain.processes.gaussian import (
-    GaussianDiffusion, model_log_variance, prior_bpd, q_sample, vlb_terms, x0_eps_from_output,
-)
+from difftrain.processes.gaussian import GaussianDiffusion, model_log_variance, prior_bpd, q_sample, vlb_terms, x0_eps_from_output
 
 
 @torch.no_grad()

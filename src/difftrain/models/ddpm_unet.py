@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from difftrain.models.layers import class_labels, timestep_embedding
+from difftrain.models.layers import check_unet_size, class_labels, timestep_embedding
 
 
 class DoubleConv(nn.Module):
@@ -89,8 +89,7 @@ class DDPMUNet(nn.Module):
         super().__init__()
         if len(channel_mult) < 2:
             raise ValueError(f"channel_mult needs at least 2 levels, got {list(channel_mult)}")
-        if image_size % 2 ** (len(channel_mult) - 1):
-            raise ValueError(f"image_size {image_size} is not divisible by 2**{len(channel_mult) - 1} (channel_mult {list(channel_mult)})")
+        check_unet_size(image_size, channel_mult)
         self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
         ch = [model_channels * m for m in channel_mult]  # reference: 64, 128, 256, 256
         self.emb_dim = emb_dim = 4 * model_channels  # reference: 256
@@ -127,5 +126,6 @@ class DDPMUNet(nn.Module):
 
 # Named presets (model.name): each fixes the widths; in_channels, image_size, num_classes come from the data.
 PRESETS: dict[str, dict] = {
-    "ddpm_unet_ref": dict(model_channels=64, channel_mult=(1, 2, 4, 4), num_heads=4),  # the reference plan, 18.6M parameters (3 channels, 10 classes)
+    # the reference plan, 18.6M parameters (3 channels, 10 classes)
+    "ddpm_unet_ref": dict(model_channels=64, channel_mult=(1, 2, 4, 4), num_heads=4),
 }

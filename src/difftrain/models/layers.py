@@ -1,4 +1,4 @@
-"""Network pieces shared by the models: the sinusoidal timestep embedding, GroupNorm, zero-init, null-class labels."""
+"""Network pieces shared by the models: timestep embedding, GroupNorm, zero-init, UNet size check, null-class labels."""
 
 from __future__ import annotations
 
@@ -29,6 +29,13 @@ def zero_init(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         nn.init.zeros_(p)
     return module
+
+
+def check_unet_size(image_size: int, channel_mult: tuple[int, ...]) -> None:
+    """A UNet of len(channel_mult) levels halves the image len(channel_mult) - 1 times: the size must allow it."""
+    if image_size % 2 ** (len(channel_mult) - 1):
+        raise ValueError(f"image_size {image_size} is not divisible by 2**{len(channel_mult) - 1} "
+                         f"(channel_mult {list(channel_mult)})")
 
 
 def class_labels(y: Tensor | None, num_classes: int, x: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from difftrain.models.layers import class_labels, group_norm, timestep_embedding, zero_init
+from difftrain.models.layers import check_unet_size, class_labels, group_norm, timestep_embedding, zero_init
 
 
 class ResBlock(nn.Module):
@@ -106,8 +106,7 @@ class UNet(nn.Module):
                  dropout: float = 0.0, use_scale_shift_norm: bool = True, resblock_updown: bool = False,
                  num_classes: int = 0, norm_groups: int = 32):
         super().__init__()
-        if image_size % 2 ** (len(channel_mult) - 1):
-            raise ValueError(f"image_size {image_size} is not divisible by 2**{len(channel_mult) - 1} (channel_mult {list(channel_mult)})")
+        check_unet_size(image_size, channel_mult)
         self.image_size, self.in_channels = image_size, in_channels
         self.model_channels, self.num_classes = model_channels, num_classes
         out_channels = out_channels or in_channels
