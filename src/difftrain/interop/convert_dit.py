@@ -188,3 +188,23 @@ def class_inputs(y: Tensor | None, num_classes: int, class_embed: str, batch: in
     if class_embed == "token":
         return dict(encoder_hidden_states=onehot[:, None], pooled_projections=torch.zeros(batch, 1))
     return dict(encoder_hidden_states=torch.zeros(batch, 0, 1), pooled_projections=onehot)
+
+
+def flux_pack(x: Tensor, p: int) -> Tensor:
+    """(B, C, H, W) -> FLUX tokens (B, H/p * W/p, C * p * p), each patch channel-major (c, py, px)."""
+    b, c, h, w = x.shape
+    x = x.view(b, c, h // p, p, w // p, p)  # (B, C, gh, py, gw, px)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def flux_unpack(tokens: Tensor, p: int, size: int) -> Tensor:
+    """FLUX tokens (B, T, C * p * p) -> (B, C, size, size)."""
+    b, g = tokens.shape[0], size // p
+    x = tokens.view(b, g, g, -1, p, p)  # (B, gh, gw, C, py, px)
+    return x.permute(0, 3, 1, 4, 2, 5).reshape(b, -1, size, size)
+
+
+def flux_ids(grid: int, context: int) -> tuple[Tensor, Tensor]:
+    """FLUX's position ids: (row, col) per image token, (0, 0) per context token -> (img_ids, txt_ids)."""
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    return torch.stack([rows.flatten(), cols.flatten()], dim=-1).float(), torch.zeros(context, 2)
