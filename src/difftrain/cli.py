@@ -1,4 +1,4 @@
-"""Command line: `difftrain train | sample | recipes | data | eval | report`. It only builds typed configs and calls the library."""
+"""Command line: `difftrain train | sample | recipes | data | eval | report | export`. It only builds typed configs and calls the library."""
 
 from __future__ import annotations
 
@@ -124,6 +124,13 @@ def parse_interval(text: str) -> list[float]:
     if not 0 <= lo <= hi <= 1:
         raise ConfigError(f"--guidance-interval '{text}': need 0 <= lo <= hi <= 1")
     return [lo, hi]
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from difftrain.interop.diffusers_export import export_run
+
+    print(export_run(args.run, args.out, weights=args.ema).summary())
+    return 0
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
@@ -379,6 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("recipes", help="list the shipped recipes")
     r.set_defaults(func=cmd_recipes)
+
+    x = sub.add_parser("export", help="write a run as a diffusers folder with a model card", description="Write RUN (a run "
+                       "directory or checkpoint) to the new folder OUT in diffusers' layout: model, scheduler, README.md.")
+    x.add_argument("run")
+    x.add_argument("out")
+    x.add_argument("--ema", default="ema", metavar="raw|RATE", help="weights: the first EMA (default), raw, or an EMA rate")
+    x.set_defaults(func=cmd_export)
 
     _add_data_commands(sub)
     _add_eval_command(sub)

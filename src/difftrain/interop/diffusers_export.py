@@ -66,6 +66,12 @@ class ExportReport:
     step: int
     facts: dict = field(default_factory=dict)
 
+    def summary(self) -> str:
+        pipe = f", model_index.json for {self.pipeline}" if self.pipeline else ""
+        return (f"wrote {self.model_class} + {self.scheduler}{pipe} and README.md from {self.facts['source']} "
+                f"(step {self.step}, {self.facts['weights']} weights) to {self.out}; "
+                f"max |diffusers - difftrain| on a test batch: {self.max_abs_diff:.1e}")
+
 
 def require_diffusers():
     """The diffusers module, or a clear error naming the extra that installs it."""
