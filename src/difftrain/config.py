@@ -52,6 +52,9 @@ class ModelConfig:
     class_embed: str = "token"  # token (one extra sequence token) | adaln (added to the timestep embedding)
     pos_embed: str = "rope"  # rope (2D axial rotary, FLUX-like) | sincos (fixed 2D sin-cos, DiT)
     qk_norm: bool = False  # RMSNorm on queries and keys per head
+    # Start from these weights: a run directory or checkpoint .pt (its EMA weights), a safetensors file of ours,
+    # or a diffusers folder (UNet2DModel, or an export's unet/ / transformer/). A resumed checkpoint wins.
+    init_from: str | None = None
 
 
 @dataclass

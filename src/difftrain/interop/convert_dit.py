@@ -18,6 +18,7 @@ FLUX multiplies the timestep by 1000, so it takes t / 1000.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -208,3 +209,67 @@ def flux_ids(grid: int, context: int) -> tuple[Tensor, Tensor]:
     """FLUX's position ids: (row, col) per image token, (0, 0) per context token -> (img_ids, txt_ids)."""
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     return torch.stack([rows.flatten(), cols.flatten()], dim=-1).float(), torch.zeros(context, 2)
+
+
+def dit_from_diffusers(state: dict[str, Tensor], model: nn.Module, mc: ModelConfig, class_name: str) -> dict[str, Tensor]:
+    """An exported SD3 / FLUX transformer's weights back in our DiT's names (the inverse of `dit_to_diffusers`).
+
+    Only a model whose context stream still equals its image stream and whose class path has the one-hot form
+    converts back exactly; anything else is refused, naming the first weight that differs."""
+    target = dit_target(model, mc)
+    if CLASSES[target] != class_name:
+        raise ConfigError(f"model.init_from holds a {class_name}, but the configured DiT maps to {CLASSES[target]} "
+                          f"(model.pos_embed={mc.pos_embed}, model.qk_norm={mc.qk_norm})")
+    expected = dit_to_diffusers(model, mc, target)  # the layout (names, shapes) the configured model exports to
+    wrong = sorted(k for k in expected if k not in state or state[k].shape != expected[k].shape)
+    if wrong:
+        raise ConfigError(f"model.init_from: {len(wrong)} weights of the {class_name} are missing or shaped unlike "
+                          f"the configured DiT's, e.g. {wrong[:3]} (are model.depth, hidden_size, num_heads, "
+                          f"num_classes, class_embed the same?)")
+    out = {f"{m}.{p}": state[f"{TOP[m]}.{p}"] for m in TOP for p in ("weight", "bias")}
+    w, b = state[f"{PATCH[target]}.weight"], state[f"{PATCH[target]}.bias"]
+    out["patch_embed.weight"], out["patch_embed.bias"] = w.reshape(model.patch_embed.weight.shape), b
+    out["final.modulation.1.weight"] = _swap_halves(state["norm_out.linear.weight"])
+    out["final.modulation.1.bias"] = _swap_halves(state["norm_out.linear.bias"])
+    if target == "flux":  # back from channel-major (c, py, px) to our (py, px, c)
+        p, c = model.patch_size, model.out_channels
+        out["final.linear.weight"] = state["proj_out.weight"].view(c, p, p, -1).permute(1, 2, 0, 3).reshape(p * p * c, -1)
+        out["final.linear.bias"] = state["proj_out.bias"].view(c, p, p).permute(1, 2, 0).reshape(-1)
+    for i in range(len(model.blocks)):
+        ours, theirs = f"blocks.{i}", f"transformer_blocks.{i}"
+        for a, b in BLOCK.items():
+            for param in ("weight", "bias"):
+                if f"{theirs}.{b}.{param}" in expected:
+                    out[f"{ours}.{a}.{param}"] = state[f"{theirs}.{b}.{param}"]
+        for param in ("weight", "bias"):
+            out[f"{ours}.attn.qkv.{param}"] = torch.cat([state[f"{theirs}.{q}.{param}"] for q in QKV])
+    if model.num_classes:
+        out["label_embed.weight"] = _class_table(state, mc)
+    _check_round_trip(state, _export_of(out, model, mc, target), class_name)
+    return out
+
+
+def _class_table(state: dict[str, Tensor], mc: ModelConfig) -> Tensor:
+    if mc.class_embed == "token":
+        return state["context_embedder.weight"].t().contiguous()
+    w = state["time_text_embed.text_embedder.linear_2.weight"]
+    k = state["time_text_embed.text_embedder.linear_1.weight"].shape[1]
+    return (w[:, :k].double().t() * _silu_one()).float().contiguous()
+
+
+def _export_of(state: dict[str, Tensor], model: nn.Module, mc: ModelConfig, target: str) -> dict[str, Tensor]:
+    """`dit_to_diffusers` of our weights `state` loaded into a copy of `model`."""
+    twin = copy.deepcopy(model)
+    twin.load_state_dict(state)
+    return dit_to_diffusers(twin, mc, target)
+
+
+def _check_round_trip(theirs: dict[str, Tensor], again: dict[str, Tensor], class_name: str) -> None:
+    """Every diffusers weight must be what our weights export to: context stream = image stream, one-hot class path."""
+    for key, value in again.items():
+        if key == "pos_embed.pos_embed":
+            continue  # our fixed sin-cos table, not a weight
+        if not torch.allclose(theirs[key].float(), value, rtol=1e-5, atol=1e-6):
+            raise ConfigError(f"model.init_from: the {class_name}'s '{key}' is not what difftrain's DiT exports "
+                              f"(its context stream or class path was changed outside difftrain); difftrain's DiT "
+                              f"processes the class token with the image weights, so it cannot take this model")
