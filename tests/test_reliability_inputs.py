@@ -8,6 +8,8 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from difftrain.cli import main
 from difftrain.config import Config, ConfigError, DataConfig, _all_keys, config_from_dict, load_config, recipe_names
@@ -18,6 +20,7 @@ from difftrain.data.folder import load_folder_splits
 from difftrain.data.fonts import read_fonts_file
 from difftrain.data.inspect import inspect_source
 from difftrain.data.shards import read_shard, write_shards
+from difftrain.generation import write_npz, write_png_dir
 from tests.test_datasets_shards import make_folder
 
 
@@ -265,3 +268,82 @@ def test_broken_fonts_files_are_errors_naming_the_file(tmp_path, content):
     (tmp_path / "f.csv").write_bytes(content + b"\nfont,1,x\n\xff\xfe")
     with pytest.raises(DataError, match="f.csv"):
         read_fonts_file(tmp_path / "f.csv")
+
+
+# --- command-line options (#6, #9) ------------------------------------------------------------
+
+def cli(capsys, *args):
+    """(exit status, stdout, stderr) of `difftrain ARGS` run in this process; argparse's exit counts as the status."""
+    try:
+        rc = main([str(a) for a in args])
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("command, option, value", [
+    ("sample", "--guidance", "nan"), ("sample", "--guidance", "inf"), ("sample", "--guidance", "-inf"),
+    ("sample", "--n", "0"), ("sample", "--n", "-3"), ("sample", "--steps", "0"), ("sample", "--eta", "-1"),
+    ("sample", "--eta", "nan"), ("sample", "--batch-size", "0"), ("sample", "--seed", "-1"),
+    ("sample", "--trajectory-frames", "0"),
+    ("eval", "--n", "0"), ("eval", "--steps", "0"), ("eval", "--guidance", "nan"), ("eval", "--batch-size", "-1"),
+    ("data inspect", "--per-class", "0"), ("data inspect", "--limit", "-1"), ("data inspect", "--image-size", "0"),
+    ("data shard", "--shard-size", "0"), ("data shard", "--image-size", "-8"), ("data fonts", "--size", "0"),
+])
+def test_bad_numeric_options_exit_2_naming_the_option(tiny_run, tmp_path, capsys, command, option, value):
+    positional = {"sample": [tiny_run], "eval": [tiny_run], "data inspect": [tiny_run],
+                  "data shard": [tiny_run, tmp_path / "sh"], "data fonts": [tmp_path / "f.npz"]}[command]
+    out_file = ["--out", tmp_path / "x.png"] if command == "sample" else []
+    rc, out, err = cli(capsys, *command.split(), *positional, f"{option}={value}", *out_file)
+    assert rc == 2 and f"argument {option}: must be" in err and value in err, err
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "sh").exists()
+
+
+def test_an_empty_class_range_and_png_dir_onto_a_file_are_errors(tiny_run, tmp_path, capsys):
+    rc, _, err = cli(capsys, "sample", tiny_run, "--classes", "5-3", "--n", "2", "--steps", "1")
+    assert rc == 2 and "--classes: 5-3 out of range; the model has classes 0..9" in err
+    target = tmp_path / "samples"
+    target.write_text("keep me")
+    rc, _, err = cli(capsys, "sample", tiny_run, "--format", "png-dir", "--out", target, "--n", "2", "--steps", "1")
+    assert rc == 2 and "is a file; --format png-dir writes a folder" in err and target.read_text() == "keep me"
+    with pytest.raises(ConfigError, match="is a file"):
+        write_png_dir(torch.zeros(1, 1, 8, 8, dtype=torch.uint8), None, target)
+
+
+# --- checkpoints and what is given as RUN (#10, #11) -------------------------------------------
+
+class _Code:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_a_checkpoint_with_pickled_code_is_refused_without_torchs_unsafe_hint(tmp_path, capsys):
+    path = tmp_path / "step-0000001.pt"
+    torch.save({"format": "difftrain-checkpoint", "payload": _Code()}, path)
+    rc, out, err = cli(capsys, "sample", path)
+    assert rc == 2 and "this must never run" not in out
+    assert "is refused: it contains pickled code or objects (builtins.print)" in err and "nothing from it was run" in err
+    assert "weights_only" not in err and "likely succeed" not in err
+
+
+def test_samples_npz_or_safetensors_given_as_a_checkpoint_say_what_they_are(tmp_path, capsys):
+    npz = write_npz(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), torch.tensor([0, 1]), tmp_path / "samples.npz")
+    rc, _, err = cli(capsys, "eval", npz)
+    assert rc == 2 and "is not a difftrain checkpoint but a NumPy .npz file (arr_0, arr_1)" in err
+    assert f"`difftrain eval --samples {npz}`" in err and "truncated or corrupt" not in err
+    save_file({"w": torch.zeros(2)}, tmp_path / "weights.safetensors")
+    rc, _, err = cli(capsys, "sample", tmp_path / "weights.safetensors")
+    assert rc == 2 and "a safetensors weights export" in err and "checkpoints/step-NNNNNNN.pt" in err
+
+
+def test_a_folder_that_is_not_a_run_is_described(tmp_path, capsys):
+    make_folder(tmp_path / "pngs", per_class=2)
+    flat = tmp_path / "pngs" / "cat"
+    rc, _, err = cli(capsys, "eval", flat)
+    assert rc == 2 and "is a folder of 2 images, not a run directory" in err and "--format npz" in err
+    (tmp_path / "runs" / "a" / "checkpoints").mkdir(parents=True)
+    rc, _, err = cli(capsys, "eval", tmp_path / "runs")
+    assert rc == 2 and "is not a run directory but holds runs: a; give one of them" in err
+    rc, _, err = cli(capsys, "eval", tmp_path / "runs" / "a" / "checkpoints")
+    assert rc == 2 and "is not a run directory (it has no checkpoints/ folder)" in err

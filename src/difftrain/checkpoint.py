@@ -12,6 +12,7 @@ import os
 import pickle
 import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -73,17 +74,42 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist")
+    other = _other_format(path)
+    if other:
+        raise CheckpointError(f"'{path}' is not a difftrain checkpoint but {other}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"'{path}' is not a plain difftrain checkpoint (it asks to load code or objects, refused): {str(e).splitlines()[0]}"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint '{path}' is truncated or corrupt: {str(e).splitlines()[0]}") from None
+        found = re.search(r"GLOBAL (\S+)", str(e))  # torch words it in several ways
+        if found:  # torch's message suggests loading it unsafely: the one thing not to do
+            raise CheckpointError(f"'{path}' is refused: it contains pickled code or objects ({found[1]}) that a "
+                                  f"difftrain checkpoint never holds; it was not loaded and nothing from it was run") from None
+        reason = str(e).split("WeightsUnpickler error:")[-1].strip() or "damaged pickle data"
+        raise CheckpointError(f"checkpoint '{path}' is truncated or corrupt: {reason.splitlines()[0]}") from None
+    except Exception as e:  # whatever a damaged file makes the zip reader or the unpickler raise
+        raise CheckpointError(f"checkpoint '{path}' is truncated or corrupt: {(str(e) or type(e).__name__).splitlines()[0]}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"'{path}' is not a difftrain checkpoint")
     return state
+
+
+def _other_format(path: Path) -> str | None:
+    """What a file given as a checkpoint is instead: a NumPy .npz (e.g. samples) or a safetensors export."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if path.suffix == ".npz" or head[:4] == b"PK\x03\x04":  # torch.save writes zip files too: look inside
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError):
+            names = []
+        if path.suffix == ".npz" or (names and all(n.endswith(".npy") for n in names)):
+            return (f"a NumPy .npz file ({', '.join(n.removesuffix('.npy') for n in names[:4]) or 'unreadable'}); "
+                    f"to score the samples in it: `difftrain eval --samples {path}`")
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
+        return ("a safetensors weights export (weights without the config); give the run directory or one of "
+                "its checkpoints/step-NNNNNNN.pt")
+    return None
 
 
 def list_checkpoints(folder: Path) -> list[Path]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from difftrain.config import ConfigError, load_config, recipe_names, recipe_text
+from difftrain.config_checks import COUNT_OPTION, NONNEGATIVE_OPTION, NUMBER_OPTION, OFF_OR_COUNT_OPTION, SEED_OPTION
 
 # argparse's choices, written out so that building the parser (`--help`) does not import torch;
 # tests/test_cli_startup.py checks them against samplers.sampler_names() and samplers.SPACINGS.
@@ -33,15 +34,15 @@ def parse_classes(text: str, num_classes: int) -> list[int] | None:
     if text == "all":
         return None
     classes: list[int] = []
-    try:
-        for part in text.split(","):
-            lo, _, hi = part.partition("-")
-            classes.extend(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise ConfigError(f"--classes '{text}': use all, a class (3), a range (0-9) or a list (1,4,7)") from None
-    bad = [c for c in classes if not 0 <= c < num_classes]
-    if bad:
-        raise ConfigError(f"--classes: {bad} out of range; the model has classes 0..{num_classes - 1}")
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        try:
+            lo, hi = int(lo), int(hi or lo)
+        except ValueError:
+            raise ConfigError(f"--classes '{text}': use all, a class (3), a range (0-9) or a list (1,4,7)") from None
+        if not 0 <= lo <= hi < num_classes:  # also an empty range such as 5-3
+            raise ConfigError(f"--classes: {part} out of range; the model has classes 0..{num_classes - 1}")
+        classes.extend(range(lo, hi + 1))
     return classes
 
 
@@ -90,6 +91,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     if args.format not in OUTPUT_FORMATS:
         raise ConfigError(f"unknown --format '{args.format}'; choose from {', '.join(OUTPUT_FORMATS)}")
+    if args.format == "png-dir" and args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError(f"--out '{args.out}' is a file; --format png-dir writes a folder of PNGs")
     run = load_run(args.run, weights=args.ema, device=args.device)
     cfg = run.cfg
     for key in ("spacing", "respacing", "variance", "clip_x0"):
@@ -180,8 +183,8 @@ def _add_data_commands(sub) -> None:
                         "as black-and-white images, one font per row, into OUT (.npz or .csv).")
     f.add_argument("out", help="output file, .npz or .csv")
     f.add_argument("--font", action="append", metavar="PATH", help="a font file (repeatable); default: the fonts found")
-    f.add_argument("--size", type=int, default=32, help="letter image side in pixels (default 32)")
-    f.add_argument("--max-fonts", type=int, default=0, help="use at most this many fonts (0: all)")
+    f.add_argument("--size", type=COUNT_OPTION, default=32, help="letter image side in pixels (default 32)")
+    f.add_argument("--max-fonts", type=OFF_OR_COUNT_OPTION, default=0, help="use at most this many fonts (0: all)")
     f.add_argument("--no-default-font", action="store_true", help="leave out Pillow's built-in font")
     f.set_defaults(func=cmd_data_fonts)
 
@@ -190,11 +193,11 @@ def _add_data_commands(sub) -> None:
                         "plus shards.json into OUT.")
     s.add_argument("folder")
     s.add_argument("out")
-    s.add_argument("--shard-size", type=int, default=10000, help="images per shard (default 10000)")
-    s.add_argument("--image-size", type=int, default=None, help="resize and center-crop to this side first")
+    s.add_argument("--shard-size", type=COUNT_OPTION, default=10000, help="images per shard (default 10000)")
+    s.add_argument("--image-size", type=COUNT_OPTION, default=None, help="resize and center-crop to this side first")
     s.add_argument("--channels", type=int, choices=[1, 3], default=None)
     s.add_argument("--class-from", default="auto", choices=["auto", "dir", "prefix", "none"])
-    s.add_argument("--seed", type=int, default=0, help="seed of the shuffle before writing")
+    s.add_argument("--seed", type=SEED_OPTION, default=0, help="seed of the shuffle before writing")
     s.add_argument("--prefix", default="shard", help="shard file name prefix (default shard-000000.tar)")
     s.set_defaults(func=cmd_data_shard)
 
@@ -204,9 +207,9 @@ def _add_data_commands(sub) -> None:
     i.add_argument("source")
     i.add_argument("--name", default=None, help="the data set kind when the guess is wrong (e.g. mnist, celebahq)")
     i.add_argument("--preview", default="preview.png", help="preview grid PNG (default preview.png; '' for none)")
-    i.add_argument("--image-size", type=int, default=None, help="preview image side (default: native, 32 for folders)")
-    i.add_argument("--per-class", type=int, default=8, help="preview images per class (default 8)")
-    i.add_argument("--limit", type=int, default=0, help="shards: read at most this many samples (0: all)")
+    i.add_argument("--image-size", type=COUNT_OPTION, default=None, help="preview image side (default: native, 32 for folders)")
+    i.add_argument("--per-class", type=COUNT_OPTION, default=8, help="preview images per class (default 8)")
+    i.add_argument("--limit", type=OFF_OR_COUNT_OPTION, default=0, help="shards: read at most this many samples (0: all)")
     i.add_argument("--download", action="store_true", help="fetch mnist / cifar files when missing")
     i.set_defaults(func=cmd_data_inspect)
 
@@ -225,8 +228,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     run = data = None
     if args.run:
+        from difftrain.evaluation.samples import check_run_dir
         from difftrain.generation import load_run
 
+        check_run_dir(args.run)  # a folder of sample images, of runs, ...: say what it is
         run = load_run(args.run, weights=args.ema, device=args.device)
         data = run.cfg.data
     if args.samples:
@@ -306,12 +311,12 @@ def _add_eval_command(sub) -> None:
     e.add_argument("--metric", choices=["digits", "fid"], default=None,
                    help="digits: offline classifier metric (default for digit data); fid: FID/KID/IS/precision-recall "
                    "through torch-fidelity (needs it installed and the Inception weights on disk)")
-    e.add_argument("--n", type=int, default=1000, help="samples to draw from RUN (default 1000)")
+    e.add_argument("--n", type=COUNT_OPTION, default=1000, help="samples to draw from RUN (default 1000)")
     e.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, help="default: the recipe's")
-    e.add_argument("--steps", type=int, default=None)
-    e.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the recipe's)")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--batch-size", type=int, default=None)
+    e.add_argument("--steps", type=COUNT_OPTION, default=None)
+    e.add_argument("--guidance", type=NUMBER_OPTION, default=None, help="classifier-free guidance scale (default: the recipe's)")
+    e.add_argument("--seed", type=SEED_OPTION, default=0)
+    e.add_argument("--batch-size", type=COUNT_OPTION, default=None)
     e.add_argument("--ema", default="ema", metavar="ema|raw|RATE", help="weights to sample with (default ema)")
     e.add_argument("--device", default="auto")
     e.add_argument("--cache-dir", default=None, help="classifier / reference statistics cache "
@@ -358,21 +363,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="sample from a trained run", description="Sample from RUN (a run directory or a checkpoint file).")
     s.add_argument("run", help="run directory or checkpoint .pt")
-    s.add_argument("--n", type=int, default=100, help="number of samples (default 100)")
+    s.add_argument("--n", type=COUNT_OPTION, default=100, help="number of samples (default 100)")
     s.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
                    help="default: the recipe's; process flow offers euler and heun")
-    s.add_argument("--steps", type=int, default=None, help="sampling steps; ddpm walks all timesteps unless --respacing")
+    s.add_argument("--steps", type=COUNT_OPTION, default=None, help="sampling steps; ddpm walks all timesteps unless --respacing")
     s.add_argument("--respacing", default=None, help='guided-diffusion timestep_respacing: "250", "ddim50", "10,15,20"')
-    s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = none, 0 = unconditional)")
+    s.add_argument("--guidance", type=NUMBER_OPTION, default=None, help="classifier-free guidance scale (1 = none, 0 = unconditional)")
     s.add_argument("--guidance-interval", default=None, metavar="LO,HI",
                    help="guide only where LO <= t/T <= HI (e.g. 0.1,0.7); elsewhere the conditional model")
-    s.add_argument("--eta", type=float, default=None, help="DDIM eta (0 deterministic)")
+    s.add_argument("--eta", type=NONNEGATIVE_OPTION, default=None, help="DDIM eta (0 deterministic)")
     s.add_argument("--variance", choices=["auto", "small", "large", "learned"], default=None, help="ddpm variance")
     s.add_argument("--spacing", choices=SPACING_NAMES, default=None, help="karras: Karras et al. 2022 sigmas")
     s.add_argument("--clip-x0", dest="clip_x0", action=argparse.BooleanOptionalAction, default=None)
     s.add_argument("--classes", default="all", help="all, 3, 0-9 or 1,4,7 (labels cycle through them)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--batch-size", type=int, default=None)
+    s.add_argument("--seed", type=SEED_OPTION, default=0)
+    s.add_argument("--batch-size", type=COUNT_OPTION, default=None)
     s.add_argument("--ema", default="ema", metavar="ema|raw|RATE",
                    help="weights: the first EMA (default), raw, or the EMA of a rate in train.ema_rates, e.g. 0.9999")
     s.add_argument("--device", default="auto")
@@ -380,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="output path (default samples.png / samples.npz / samples/)")
     s.add_argument("--trajectory", default=None, metavar="PATH.gif|PATH.png",
                    help="also write the denoising trajectory: an animated GIF, or a strip PNG (one row per sample)")
-    s.add_argument("--trajectory-frames", type=int, default=20, help="frames in the trajectory (default 20)")
+    s.add_argument("--trajectory-frames", type=COUNT_OPTION, default=20, help="frames in the trajectory (default 20)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_sample)
 

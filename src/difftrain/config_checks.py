@@ -226,7 +226,7 @@ RULES: dict[str, Rule] = {
 # Strings and booleans: choices are checked (and listed) by the code that uses them; paths when read.
 CHECKED_WHERE_USED = frozenset({
     "recipe", "description",
-    "model.name", "model.use_scale_shift_norm", "model.resblock_updown", "model.class_embed", "model.pos_embed",
+    "model.name", "model.init_from", "model.use_scale_shift_norm", "model.resblock_updown", "model.class_embed", "model.pos_embed",
     "model.qk_norm",
     "diffusion.process", "diffusion.schedule", "diffusion.prediction", "diffusion.learn_sigma",
     "diffusion.timestep_sampling", "diffusion.loss_weighting",

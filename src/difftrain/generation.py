@@ -179,6 +179,8 @@ def write_npz(images: Tensor, labels: Tensor | None, path: Path) -> Path:
 
 def write_png_dir(images: Tensor, labels: Tensor | None, folder: Path, class_names: list[str] | None = None) -> Path:
     """One PNG per sample named CLASS_NNNNNN.png, readable back as an image folder (class from prefix)."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"'{folder}' is a file; png-dir output is a folder of PNGs (give another --out)")
     folder.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(to_pil_images(images)):
         if labels is not None:
