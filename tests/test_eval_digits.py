@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from difftrain.data.digits import load_digits_splits
+from difftrain.evaluation import classifier as C
 from difftrain.evaluation import digits as D
 from difftrain.evaluation.frechet import frechet_distance, frechet_distance_features, gaussian_stats
 
@@ -47,18 +48,19 @@ def test_classifier_accuracy_and_cache(eval_cache, splits):
 def test_corrupt_cache_is_retrained(tmp_path, monkeypatch):
     calls = []
 
-    def fake_train(image_size):
-        calls.append(image_size)
+    def fake_train(reference, spec):
+        calls.append((reference.name, reference.image_size, spec.steps))
         return D.DigitClassifier().eval(), 0.5
 
-    monkeypatch.setattr(D, "train_classifier", fake_train)
-    path = tmp_path / f"digits-classifier-8px-v{D.VERSION}.pt"
+    monkeypatch.setattr(C, "train_classifier", fake_train)
+    path = C.cache_file(C.digits_reference(8), tmp_path)
+    assert path.name.startswith("digits-classifier-8px-") and path.name.endswith(f"-v{D.VERSION}.pt")
     path.write_bytes(b"not a checkpoint")
     with pytest.warns(UserWarning, match="unusable"):
         _, acc, got = D.load_classifier(8, folder=tmp_path)
-    assert calls == [8] and got == path and acc == 0.5
+    assert calls == [("digits", 8, 400)] and got == path and acc == 0.5
     D.load_classifier(8, folder=tmp_path)  # now a valid cache: no retraining
-    assert calls == [8]
+    assert len(calls) == 1
 
 
 def test_real_images_score_near_the_floor(eval_cache, splits):
@@ -66,6 +68,7 @@ def test_real_images_score_near_the_floor(eval_cache, splits):
     assert r["n"] == len(splits.test) and r["image_size"] == 8
     assert r["accuracy"] >= 0.95
     assert r["frechet_distance"] < 1e-6  # the test split against itself
+    assert r["frechet_floor_n"] == len(splits.test) and r["frechet_test_n"] == len(splits.test)  # n-matched floor
     held_out = D.digits_metrics(splits.train.images[:500], splits.train.labels[:500], cache=eval_cache)
     assert held_out["frechet_distance"] < 3 * r["frechet_floor"] + 1
 

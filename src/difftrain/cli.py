@@ -11,7 +11,10 @@ from pathlib import Path
 import yaml
 
 from difftrain.config import ConfigError, load_config, recipe_names, recipe_text
-from difftrain.config_checks import COUNT_OPTION, NONNEGATIVE_OPTION, NUMBER_OPTION, OFF_OR_COUNT_OPTION, SEED_OPTION
+from difftrain.config_checks import (
+    COUNT_OPTION, FONT_SIZE_OPTION, NONNEGATIVE_OPTION, NUMBER_OPTION, OFF_OR_COUNT_OPTION, PER_CLASS_OPTION, SEED_OPTION,
+    SIDE_OPTION,
+)
 
 # argparse's choices, written out so that building the parser (`--help`) does not import torch;
 # tests/test_cli_startup.py checks them against samplers.sampler_names() and samplers.SPACINGS.
@@ -183,7 +186,7 @@ def _add_data_commands(sub) -> None:
                         "as black-and-white images, one font per row, into OUT (.npz or .csv).")
     f.add_argument("out", help="output file, .npz or .csv")
     f.add_argument("--font", action="append", metavar="PATH", help="a font file (repeatable); default: the fonts found")
-    f.add_argument("--size", type=COUNT_OPTION, default=32, help="letter image side in pixels (default 32)")
+    f.add_argument("--size", type=FONT_SIZE_OPTION, default=32, help="letter image side in pixels (default 32)")
     f.add_argument("--max-fonts", type=OFF_OR_COUNT_OPTION, default=0, help="use at most this many fonts (0: all)")
     f.add_argument("--no-default-font", action="store_true", help="leave out Pillow's built-in font")
     f.set_defaults(func=cmd_data_fonts)
@@ -194,7 +197,7 @@ def _add_data_commands(sub) -> None:
     s.add_argument("folder")
     s.add_argument("out")
     s.add_argument("--shard-size", type=COUNT_OPTION, default=10000, help="images per shard (default 10000)")
-    s.add_argument("--image-size", type=COUNT_OPTION, default=None, help="resize and center-crop to this side first")
+    s.add_argument("--image-size", type=SIDE_OPTION, default=None, help="resize and center-crop to this side first")
     s.add_argument("--channels", type=int, choices=[1, 3], default=None)
     s.add_argument("--class-from", default="auto", choices=["auto", "dir", "prefix", "none"])
     s.add_argument("--seed", type=SEED_OPTION, default=0, help="seed of the shuffle before writing")
@@ -207,8 +210,8 @@ def _add_data_commands(sub) -> None:
     i.add_argument("source")
     i.add_argument("--name", default=None, help="the data set kind when the guess is wrong (e.g. mnist, celebahq)")
     i.add_argument("--preview", default="preview.png", help="preview grid PNG (default preview.png; '' for none)")
-    i.add_argument("--image-size", type=COUNT_OPTION, default=None, help="preview image side (default: native, 32 for folders)")
-    i.add_argument("--per-class", type=COUNT_OPTION, default=8, help="preview images per class (default 8)")
+    i.add_argument("--image-size", type=SIDE_OPTION, default=None, help="preview image side (default: native, 32 for folders)")
+    i.add_argument("--per-class", type=PER_CLASS_OPTION, default=8, help="preview images per class (default 8)")
     i.add_argument("--limit", type=OFF_OR_COUNT_OPTION, default=0, help="shards: read at most this many samples (0: all)")
     i.add_argument("--download", action="store_true", help="fetch mnist / cifar files when missing")
     i.set_defaults(func=cmd_data_inspect)
@@ -308,8 +311,9 @@ def _add_eval_command(sub) -> None:
     e.add_argument("--samples", default=None, metavar="FILE.npz", help="score these samples instead of sampling")
     e.add_argument("--nll", action="store_true", help="negative log-likelihood (bits/dim) of the test split "
                    "(at most --n images) under the variational bound, all timesteps; Gaussian process only")
-    e.add_argument("--metric", choices=["digits", "fid"], default=None,
-                   help="digits: offline classifier metric (default for digit data); fid: FID/KID/IS/precision-recall "
+    e.add_argument("--metric", choices=["classifier", "digits", "fid"], default=None,
+                   help="classifier: offline metric from a small CNN trained on the run's labelled data set (default "
+                   "for digits, mnist, fashion_mnist, fonts; digits is its alias); fid: FID/KID/IS/precision-recall "
                    "through torch-fidelity (needs it installed and the Inception weights on disk)")
     e.add_argument("--n", type=COUNT_OPTION, default=1000, help="samples to draw from RUN (default 1000)")
     e.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, help="default: the recipe's")

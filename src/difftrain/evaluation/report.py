@@ -9,28 +9,33 @@ from torch import Tensor
 from difftrain.config import DataConfig
 from difftrain.evaluation import EvaluationError
 
-METRICS = ("digits", "fid")
+# classifier: the classifier-feature metric of a labelled data set (`evaluation.classifier`);
+# digits: its older name, kept as an alias (the same numbers); fid: torch-fidelity.
+METRICS = ("classifier", "digits", "fid")
 
 
 def default_metric(data: DataConfig | None) -> str:
-    """digits for digit data (or samples without a run), fid otherwise."""
-    return "digits" if data is None or data.name == "digits" else "fid"
+    """digits for digit data (or samples without a run), classifier for the other small labelled
+    data sets (MNIST, Fashion-MNIST, fonts), fid otherwise."""
+    from difftrain.evaluation.classifier import DEFAULT_DATASETS
+
+    if data is None or data.name == "digits":
+        return "digits"
+    return "classifier" if data.name in DEFAULT_DATASETS else "fid"
 
 
 def evaluate_samples(images: Tensor, labels: Tensor | None, metric: str, *, data: DataConfig | None = None,
                      cache: str | Path | None = None, inception_weights: str | Path | None = None,
                      device: str = "cpu") -> dict:
-    """Metric `metric` of uint8 (N, C, H, W) samples. `data` is the run's data config (the FID
-    reference is its train split); without it the reference is the digits data at the samples' size."""
+    """Metric `metric` of uint8 (N, C, H, W) samples. `data` is the run's data config (the reference
+    is its data set); without it the reference is the digits data at the samples' size."""
     if metric not in METRICS:
         raise EvaluationError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
-    if metric == "digits":
-        if data is not None and data.name != "digits":
-            raise EvaluationError(f"--metric digits scores digit samples, but this run trained on '{data.name}'; "
-                                  "use --metric fid")
-        from difftrain.evaluation.digits import digits_metrics
+    if metric in ("classifier", "digits"):
+        from difftrain.evaluation.classifier import classifier_metrics, load_reference
 
-        return digits_metrics(images, labels, image_size=data.image_size if data else None, cache=cache)
+        reference = load_reference(data, int(images.shape[-1]))
+        return {**classifier_metrics(images, labels, reference, cache=cache), "metric": metric}
 
     from difftrain.evaluation.fidelity import check_fidelity, fidelity_metrics
 
@@ -45,10 +50,10 @@ def evaluate_samples(images: Tensor, labels: Tensor | None, metric: str, *, data
 
 
 def format_report(result: dict) -> str:
-    if result["metric"] == "digits":
-        from difftrain.evaluation.digits import format_digits_report
+    if result["metric"] in ("classifier", "digits"):
+        from difftrain.evaluation.classifier import format_classifier_report
 
-        return format_digits_report(result)
+        return format_classifier_report(result)
     from difftrain.evaluation.fidelity import format_fidelity_report
 
     return format_fidelity_report(result)
