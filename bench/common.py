@@ -116,14 +116,14 @@ def table(header: list[str], rows: list[list]) -> list[str]:
 
 # --- difftrain pieces built from a recipe ---------------------------------------------------------
 def trainer(recipe: str, overrides: list[str], run_dir: Path):
-    """A Trainer for `recipe` on the CPU (no progress bar, no TensorBoard)."""
+    """A training Engine for `recipe` on the CPU (no progress bar, no TensorBoard); `.train_step(lr)` takes one step."""
     from difftrain.config import load_config
-    from difftrain.training import Trainer
+    from difftrain.training import Engine
 
     register_bench_entries()
     cfg = load_config(recipe, [f"run_dir={run_dir}", "train.progress=false", "train.tensorboard=false",
                                "train.device=cpu", *overrides])
-    return Trainer(cfg)
+    return Engine(cfg)
 
 
 def n_params(model: nn.Module) -> int:

@@ -1,6 +1,6 @@
 """Sample quality per minute of CPU training: the `digits` recipe beside a peer written with diffusers.
 
-difftrain: the `digits` recipe (ADM UNet, DDPM, label dropout, EMA), trained by `Trainer.train_step`
+difftrain: the `digits` recipe (ADM UNet, DDPM, label dropout, EMA), trained by `Engine.train_step`
 with the recipe's lr schedule. The peer follows diffusers' `train_unconditional.py` example loop,
 made class-conditional: `UNet2DModel` (parameter count closest to ours, `num_class_embeds` = 10
 classes + a null class), `DDPMScheduler.add_noise`, MSE on the noise, AdamW, `get_scheduler`, gradient
@@ -52,7 +52,7 @@ PEER_HPARAMS = {
 
 
 class Ours:
-    """The digits recipe through difftrain's Trainer."""
+    """The digits recipe through difftrain's training Engine."""
 
     def __init__(self, recipe: str, run_dir: Path):
         self.tr = trainer(recipe, [], run_dir)
@@ -71,7 +71,7 @@ class Ours:
     def sample(self, labels: torch.Tensor) -> torch.Tensor:
         from difftrain.generation import generate
 
-        return generate(self.tr.ema.model, self.cfg, len(labels), labels=labels, seed=0, batch_size=len(labels))
+        return generate(self.tr.task.ema.model, self.cfg, len(labels), labels=labels, seed=0, batch_size=len(labels))
 
 
 class Peer:
@@ -186,7 +186,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         ours = Ours(args.recipe, Path(tmp) / "ours")
-        peer = Peer(ours.cfg, n_params(ours.tr.model), args.peer_hparams)
+        peer = Peer(ours.cfg, n_params(ours.tr.task.model), args.peer_hparams)
         sides = {"difftrain": ours, "diffusers": peer}
         budget = {"difftrain": args.budget, "diffusers": args.budget * args.peer_factor}
         trained = {k: 0.0 for k in sides}
@@ -216,7 +216,7 @@ def main() -> None:
 
     reach = {k: first(k) for k in sides}
     ratio = reach["diffusers"] / reach["difftrain"] if reach["difftrain"] and reach["diffusers"] else None
-    params = {"difftrain": n_params(ours.tr.model), "diffusers": n_params(peer.unet)}
+    params = {"difftrain": n_params(ours.tr.task.model), "diffusers": n_params(peer.unet)}
     results = {"machine": machine(), "recipe": args.recipe, "budget_s": budget, "eval_every_s": args.eval_every,
                "n": args.n, "target": args.target, "quick": args.quick, "peer_hparams": peer.hparams, "params": params,
                "batch_size": {"difftrain": ours.cfg.train.batch_size, "diffusers": peer.batch_size},

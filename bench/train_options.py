@@ -3,7 +3,7 @@
 The four variants (baseline, channels-last, compile, compile + channels-last) are built in
 this one process from the same recipe and seed, warmed up (torch.compile compiles during
 the warm-up), then timed in interleaved rounds so that other load on a shared machine hits
-all of them alike. Each round times `--steps` optimizer steps (`Trainer.train_step`: data,
+all of them alike. Each round times `--steps` optimizer steps (`Engine.train_step`: data,
 forward, backward, clipping, AdamW, EMA) per variant. Reported: the median over rounds of
 steps/s (wall) and of steps per CPU-second (process time, less sensitive to other jobs),
 and each variant's ratio to the baseline.

@@ -1,10 +1,10 @@
 """Training images/s and model FLOPs utilisation: each recipe's model beside diffusers' UNet2DModel.
 
-For every shipped recipe that a CPU can train at all, two Trainers are built in this one process
+For every shipped recipe that a CPU can train at all, two training Engines are built in this one process
 from the same recipe, seed and data: difftrain's model, and diffusers' `UNet2DModel` with the
 parameter count closest to it (base width scanned in steps of 8; the recipe's own UNet layout
 for UNet recipes, `common.unet2d_layout` otherwise), class-conditional through `num_class_embeds`.
-Both run through the same `Trainer.train_step` (data, label dropout, timesteps, forward, backward,
+Both run through the same `Engine.train_step` (data, label dropout, timesteps, forward, backward,
 clipping, fused AdamW, EMA), so the loop is identical and only the network differs.
 
 After a warm-up the two take turns in rounds of whole steps lasting about `--seconds` each, and
@@ -56,7 +56,7 @@ def measure(recipe: str, extra: list[str], tmp: Path, rounds: int, seconds: floa
     ours = trainer(recipe, extra, tmp / f"{recipe}-ours")
     m = ours.cfg.model
     peer_overrides, _ = matched_unet2d_overrides(
-        n_params(ours.model), m.image_size, m.in_channels, m.num_classes or 0,
+        n_params(ours.task.model), m.image_size, m.in_channels, m.num_classes or 0,
         **({"channel_mult": list(m.channel_mult), "num_res_blocks": m.num_res_blocks,
             "attention_resolutions": list(m.attention_resolutions)} if m.name in ("adm_unet", "ddpm_unet") else {}))
     peer = trainer(recipe, [*extra, *peer_overrides], tmp / f"{recipe}-peer")
@@ -67,7 +67,7 @@ def measure(recipe: str, extra: list[str], tmp: Path, rounds: int, seconds: floa
         flops = count_flops(lambda: tr.train_step(lr))
         for _ in range(warmup):
             tr.train_step(lr)
-        info[name] = {"model": tr.cfg.model.name, "params": n_params(tr.model), "flops_per_step": flops,
+        info[name] = {"model": tr.cfg.model.name, "params": n_params(tr.task.model), "flops_per_step": flops,
                       "steps_per_round": []}
 
         def run(tr=tr, lr=lr, counts=info[name]["steps_per_round"]):
@@ -125,7 +125,7 @@ def main() -> None:
 
     md = [f"# Training throughput vs diffusers UNet2DModel (CPU, {results['machine']['threads']} threads)", "",
           f"{results['machine']['cpu']}, torch {torch.__version__}, diffusers {results['machine']['diffusers']}, "
-          f"{results['machine']['date']}. Same `Trainer.train_step` for both; median of {args.rounds} interleaved "
+          f"{results['machine']['date']}. Same `Engine.train_step` for both; median of {args.rounds} interleaved "
           f"rounds of ~{args.seconds:g} s per side. MFU = model FLOPs/s (matmul + conv, forward + backward) over the "
           f"fp32 matmul peak measured between rounds. `bench/train_throughput.py`.", ""]
     body = []

@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 
 from difftrain.cli import main
-from difftrain.training import Trainer, TrainingError
+from difftrain.training import Engine, TrainingError
 
 fault = os.environ.get("DDP_TEST_FAULT")
 if fault:
     fault_rank, fault_step, kind = fault.split(":")
-    train_step = Trainer.train_step
+    train_step = Engine.train_step
 
     def faulty_train_step(self, lr):
         if self.world.rank == int(fault_rank) and self.step == int(fault_step) - 1:
@@ -29,17 +29,17 @@ if fault:
             os.kill(os.getpid(), getattr(signal, kind))
         return train_step(self, lr)
 
-    Trainer.train_step = faulty_train_step
+    Engine.train_step = faulty_train_step
 
 if os.environ.get("DDP_TEST_DUMP"):
-    run = Trainer.run
+    run = Engine.run
 
     def run_and_dump(self):
         out = run(self)
-        torch.save({"model": self.model.state_dict(), "ema": self.ema.model.state_dict(), "step": self.step},
+        torch.save({"model": self.task.model.state_dict(), "ema": self.task.ema.model.state_dict(), "step": self.step},
                    Path(self.cfg.run_dir) / f"rank-{self.world.rank}.pt")
         return out
 
-    Trainer.run = run_and_dump
+    Engine.run = run_and_dump
 
 raise SystemExit(main(sys.argv[1:]))

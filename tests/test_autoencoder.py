@@ -11,7 +11,7 @@ import torch
 from difftrain.config import ConfigError, load_config
 from difftrain.models import build_autoencoder
 from difftrain.models.autoencoder import DiagonalGaussian, KLAutoencoder, PatchDiscriminator, VectorQuantizer, VQAutoencoder
-from difftrain.training.autoencoder import adaptive_weight, hinge_d_loss, load_lpips, lpips_problems, psnr
+from difftrain.training.autoencoder_losses import adaptive_weight, hinge_d_loss, load_lpips, lpips_problems, psnr
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -142,7 +142,7 @@ def test_psnr():
 
 
 def test_lpips_missing_is_a_clear_error_or_a_warning(tmp_path, monkeypatch):
-    import difftrain.training.autoencoder as ae_training
+    import difftrain.training.autoencoder_losses as ae_training
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # an empty hub cache: no VGG16 weights
     monkeypatch.setattr(ae_training, "_warned_lpips", False)

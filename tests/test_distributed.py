@@ -16,7 +16,7 @@ import torch
 
 from difftrain.checkpoint import list_checkpoints, load_checkpoint
 from difftrain.config import load_config
-from difftrain.training import Trainer
+from difftrain.training import Engine
 from difftrain.training.metrics import read_metrics
 from tests.test_engine_resume import assert_tensors_equal, metrics_without_speed
 
@@ -78,13 +78,13 @@ def test_ranks_agree_and_equal_one_process_with_the_global_batch(whole, tmp_path
     state = last_checkpoint(run_dir)
     assert state["world_size"] == 2 and len(state["rng_ranks"]) == 2
 
-    single = Trainer(load_config("digits", [f"run_dir={tmp_path}", *OPTIONS, f"train.batch_size={2 * BATCH}"]))
-    start = flat(single.model.state_dict())
+    single = Engine(load_config("digits", [f"run_dir={tmp_path}", *OPTIONS, f"train.batch_size={2 * BATCH}"]))
+    start = flat(single.task.model.state_dict())
     single.run()
     # Equal up to the order of float sums across ranks. Biases that feed a GroupNorm have a zero gradient
     # up to rounding, and Adam turns that rounding noise into lr-sized steps, so a few entries differ by
     # ~lr; the rest agree to 1e-5, and the difference is tiny next to the update itself.
-    ddp, ref = flat(ranks[0]["model"]), flat(single.model.state_dict())
+    ddp, ref = flat(ranks[0]["model"]), flat(single.task.model.state_dict())
     assert ((ddp - ref).abs() > 1e-5).float().mean() < 0.005
     assert (ddp - ref).norm() < 0.01 * (ref - start).norm()
     ddp_log, single_log = read_metrics(run_dir), read_metrics(tmp_path)
@@ -92,7 +92,7 @@ def test_ranks_agree_and_equal_one_process_with_the_global_batch(whole, tmp_path
     for a, b in zip(ddp_log, single_log):  # the logged loss is the global mean; the quartiles use every rank's losses
         for key in ("loss", "loss_q0", "loss_q3", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
-    torch.testing.assert_close(state["timestep_sampler"]["history"], single.timesteps.history.cpu(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(state["timestep_sampler"]["history"], single.task.timesteps.history.cpu(), rtol=1e-5, atol=1e-6)
 
 
 def test_sigterm_on_one_rank_stops_all_and_resume_is_exact(whole, tmp_path):
@@ -124,12 +124,12 @@ def test_resume_with_another_world_size_warns_and_trains_on(whole, tmp_path):
     import shutil
 
     shutil.copytree(whole[0] / "checkpoints", tmp_path / "checkpoints")
-    tr = Trainer(load_config("digits", [f"run_dir={tmp_path}", *OPTIONS, f"train.steps={STEPS + 2}"]))
+    tr = Engine(load_config("digits", [f"run_dir={tmp_path}", *OPTIONS, f"train.steps={STEPS + 2}"]))
     with pytest.warns(UserWarning, match=r"written by 2 process\(es\), this run has 1: global batch 16 -> 8"):
         tr.run()
     state = last_checkpoint(tmp_path)
     assert tr.step == STEPS + 2 and state["world_size"] == 1 and "rng_ranks" not in state
-    assert tr.ddp is None and not torch.distributed.is_initialized()  # one process: no process group at all
+    assert tr.task.ddp is None and not torch.distributed.is_initialized()  # one process: no process group at all
 
 
 @pytest.mark.slow

@@ -49,7 +49,7 @@ def test_signal_finishes_the_step_checkpoints_and_exits_0(tmp_path, sig):
     # The same config, with a reachable step count, continues from there.
     tr = make_trainer(tmp_path, f"train.steps={step + 2}")
     tr.run()
-    assert final_state(tmp_path)["step"] == step + 2 and tr.emas[0].updates == step + 2
+    assert final_state(tmp_path)["step"] == step + 2 and tr.task.emas[0].updates == step + 2
 
 
 @pytest.mark.slow

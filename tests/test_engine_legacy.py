@@ -20,7 +20,7 @@ from difftrain.training import train
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 LEGACY = Path(__file__).parent / "data" / "legacy"
-COMMON = ["train.steps=3", "train.checkpoint_every=1", "train.keep_checkpoints=0", "train.sample_every=0",
+COMMON = ["train.steps=3", "train.checkpoint_every=1", "train.sample_every=0",
           "train.tensorboard=false", "train.progress=false", "train.log_every=1", "train.batch_size=8"]
 DIGITS = ["model.model_channels=4", "model.channel_mult=[1]", "model.attention_resolutions=[8]", "model.num_heads=1",
           "sample.steps=2", "train.ema_rates=[0.9,0.5]", "train.timestep_sampler=loss-second-moment",

@@ -21,8 +21,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _fixed_noise(trainer):
     """Noise as a function of each sample alone, so it does not depend on how the batch is split."""
-    loss = trainer.process.loss
-    trainer.process.loss = lambda fn, x0, t, noise=None: loss(fn, x0, t, noise=torch.sin(37 * x0 + t.view(-1, 1, 1, 1)))
+    loss = trainer.task.process.loss
+    trainer.task.process.loss = lambda fn, x0, t, noise=None: loss(fn, x0, t, noise=torch.sin(37 * x0 + t.view(-1, 1, 1, 1)))
 
 
 def test_microbatches_give_the_full_batch_gradient(tmp_path):
@@ -31,8 +31,8 @@ def test_microbatches_give_the_full_batch_gradient(tmp_path):
         tr = make_trainer(tmp_path / str(micro), f"train.microbatch={micro}", "train.grad_clip=0",
                           "train.timestep_sampler=loss-second-moment")
         _fixed_noise(tr)
-        loss, _ = tr.train_step(1e-3)
-        grads.append((loss, [p.grad.clone() for p in tr.model.parameters()]))
+        loss = tr.train_step(1e-3).loss
+        grads.append((loss, [p.grad.clone() for p in tr.task.model.parameters()]))
     (loss_a, ga), (loss_b, gb) = grads
     assert loss_a == pytest.approx(loss_b, rel=1e-6)
     for a, b in zip(ga, gb):
@@ -76,7 +76,7 @@ def test_several_ema_rates_and_sampling_by_rate(tmp_path):
 
 def test_old_single_ema_rate_key_still_works(tmp_path):
     tr = make_trainer(tmp_path, "train.ema_rate=0.95")
-    assert [e.rate for e in tr.emas] == [0.95] and tr.cfg.train.ema_rates == [0.95] and tr.cfg.train.ema_rate is None
+    assert [e.rate for e in tr.task.emas] == [0.95] and tr.cfg.train.ema_rates == [0.95] and tr.cfg.train.ema_rate is None
 
 
 # --- learning rate -----------------------------------------------------------------------
@@ -184,7 +184,7 @@ def test_mixed_precision_is_refused_on_cpu_with_a_clear_message(tmp_path):
 
 
 def test_channels_last_gives_the_same_step(tmp_path):
-    losses = [make_trainer(tmp_path / str(cl), f"train.channels_last={cl}").train_step(1e-3)[0] for cl in ("false", "true")]
+    losses = [make_trainer(tmp_path / str(cl), f"train.channels_last={cl}").train_step(1e-3).loss for cl in ("false", "true")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
@@ -192,7 +192,7 @@ def test_channels_last_gives_the_same_step(tmp_path):
 def test_compile_trains(tmp_path):
     tr = make_trainer(tmp_path, "train.compile=true", "train.steps=2")
     tr.run()
-    assert final_state(tmp_path)["model"].keys() == tr.model.state_dict().keys()  # no _orig_mod. prefixes
+    assert final_state(tmp_path)["model"].keys() == tr.task.model.state_dict().keys()  # no _orig_mod. prefixes
 
 
 # --- Weights & Biases (optional dependency) -----------------------------------------------

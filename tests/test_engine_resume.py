@@ -8,7 +8,7 @@ import torch
 
 from difftrain.checkpoint import list_checkpoints, load_checkpoint
 from difftrain.config import load_config
-from difftrain.training import Trainer
+from difftrain.training import Engine
 from difftrain.training.metrics import read_metrics
 from tests.conftest import TINY
 
@@ -20,11 +20,11 @@ SMALL = [*TINY, "model.model_channels=8", "train.batch_size=8", "sample.steps=2"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make_trainer(run_dir, *extra) -> Trainer:
-    return Trainer(load_config("digits", [f"run_dir={run_dir}", *SMALL, *extra]))
+def make_trainer(run_dir, *extra) -> Engine:
+    return Engine(load_config("digits", [f"run_dir={run_dir}", *SMALL, *extra]))
 
 
-def stop_after(trainer: Trainer, step: int) -> None:
+def stop_after(trainer: Engine, step: int) -> None:
     """Send this process SIGTERM during step `step`, as a cluster scheduler would."""
     inner = trainer.train_step
 
@@ -102,5 +102,5 @@ def test_resume_with_a_new_ema_rate_starts_it_from_the_raw_weights(tmp_path):
     with pytest.warns(UserWarning, match="no EMA of rate 0.99"):
         tr = make_trainer(tmp_path, "train.steps=6", "train.ema_rates=[0.9,0.99]")
         tr.resume()
-    assert all(torch.equal(a, b) for a, b in zip(tr.emas[1].model.state_dict().values(), tr.model.state_dict().values()))
-    assert tr.emas[0].updates == 3
+    assert all(torch.equal(a, b) for a, b in zip(tr.task.emas[1].model.state_dict().values(), tr.task.model.state_dict().values()))
+    assert tr.task.emas[0].updates == 3

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from difftrain.config import load_config
-from difftrain.training import EMA, Trainer, lr_at
+from difftrain.training import EMA, Engine, lr_at
 from tests.conftest import TINY
 
 
@@ -32,12 +32,12 @@ def test_ema_warmup_and_update():
 
 
 def _tiny_trainer(tmp_path, *extra):
-    return Trainer(load_config("digits", [f"run_dir={tmp_path}", *TINY, *extra]))
+    return Engine(load_config("digits", [f"run_dir={tmp_path}", *TINY, *extra]))
 
 
 def test_train_step_reduces_loss_on_a_fixed_batch(tmp_path):
     tr = _tiny_trainer(tmp_path, "train.lr=3e-3")
-    losses = [tr.train_step(3e-3)[0] for _ in range(40)]
+    losses = [tr.train_step(3e-3).loss for _ in range(40)]
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10
 
@@ -45,8 +45,8 @@ def test_train_step_reduces_loss_on_a_fixed_batch(tmp_path):
 def test_label_dropout_uses_null_class(tmp_path, monkeypatch):
     tr = _tiny_trainer(tmp_path, "train.label_dropout=0.5")
     seen = []
-    forward = tr.model.forward
-    monkeypatch.setattr(tr.model, "forward", lambda x, t, y=None: (seen.append(y.clone()), forward(x, t, y))[1])
+    forward = tr.task.model.forward
+    monkeypatch.setattr(tr.task.model, "forward", lambda x, t, y=None: (seen.append(y.clone()), forward(x, t, y))[1])
     tr.train_step(1e-3)
     y = seen[0]
     assert y.max() == 10 and 0.25 < (y == 10).float().mean() < 0.75
@@ -54,9 +54,9 @@ def test_label_dropout_uses_null_class(tmp_path, monkeypatch):
 
 def test_nonfinite_loss_skips_update(tmp_path, monkeypatch):
     tr = _tiny_trainer(tmp_path)
-    before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    before = {k: v.clone() for k, v in tr.task.model.state_dict().items()}
     monkeypatch.setattr(tr.stream, "next", lambda: (torch.full((4, 1, 8, 8), float("nan")), torch.zeros(4, dtype=torch.long)))
-    loss, _ = tr.train_step(1e-3)
+    loss = tr.train_step(1e-3).loss
     assert math.isnan(loss)
-    assert all(torch.equal(before[k], v) for k, v in tr.model.state_dict().items())
-    assert tr.ema.updates == 0
+    assert all(torch.equal(before[k], v) for k, v in tr.task.model.state_dict().items())
+    assert tr.task.ema.updates == 0

@@ -1,9 +1,15 @@
-"""Training: the loop, EMAs, lr schedules, timestep samplers, metric logs. `train(cfg)` is the entry point."""
+"""Training: the engine (run loop), the tasks it runs, EMAs, lr schedules, timestep samplers, metric logs.
+
+`train(cfg)` is the entry point; `Engine(cfg).train_step(lr)` takes one step (benchmarks).
+"""
 
 from difftrain.training.ema import EMA
-from difftrain.training.loop import Trainer, TrainingError, resolve_config, train
+from difftrain.training.engine import Engine, TrainingError, train
+from difftrain.training.options import resolve_config
 from difftrain.training.schedules import lr_at
 from difftrain.training.timesteps import LossSecondMoment, UniformTimesteps, build_timestep_sampler
 
-__all__ = ["EMA", "LossSecondMoment", "Trainer", "TrainingError", "UniformTimesteps", "build_timestep_sampler",
-           "lr_at", "resolve_config", "train"]
+Trainer = Engine  # the engine's name before the engine / task split
+
+__all__ = ["EMA", "Engine", "LossSecondMoment", "Trainer", "TrainingError", "UniformTimesteps",
+           "build_timestep_sampler", "lr_at", "resolve_config", "train"]

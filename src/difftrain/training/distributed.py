@@ -5,7 +5,7 @@ them and joins the process group (NCCL for CUDA, gloo on the CPU). Without them,
 world of one, nothing is initialised: a single process runs exactly as before, with no
 process group and no collective calls.
 
-The Trainer keeps every rank's random streams identical (same seed, same draws for the
+The engine and the diffusion task keep every rank's random streams identical (same seed, same draws for the
 whole global batch) and lets each rank take its own slice of the batch, so a run on W
 ranks of batch B equals a single-process run of batch W x B up to float reduction order.
 """

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import nn
+
+from difftrain.checkpoint import load_model_state
 
 
 class EMA:
@@ -52,3 +55,23 @@ class EMA:
 def ema_label(rate: float) -> str:
     """How a rate is named in files and on the command line: 0.9999 -> '0.9999'."""
     return repr(float(rate))
+
+
+def ema_state(emas: list[EMA]) -> dict:
+    """The checkpoint entries of a run's EMAs: "emas", one dict per rate, and "ema", the default (first) one.
+    "ema" is the same object as emas[0], so torch.save stores its tensors once."""
+    states = [e.state_dict() for e in emas]
+    return {"ema": states[0], "emas": states}
+
+
+def load_ema_state(emas: list[EMA], model: nn.Module, state: dict, source: str) -> None:
+    """Restore each EMA from the checkpoint entry of its rate; a rate the checkpoint lacks starts from `model`."""
+    saved = {float(e["rate"]): e for e in state.get("emas") or [state["ema"]]}
+    for ema in emas:
+        if ema.rate in saved:
+            load_model_state(ema.model, saved[ema.rate]["weights"], source)
+            ema.load_state_dict(saved[ema.rate])
+        else:
+            warnings.warn(f"'{source}' has no EMA of rate {ema.rate} (it has {sorted(saved)}); "
+                          f"starting that EMA from the raw weights")
+            ema.model.load_state_dict(model.state_dict())

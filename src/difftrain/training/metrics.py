@@ -105,6 +105,30 @@ class LossWindow:
         self.q_count.copy_(state["q_count"])
 
 
+class MeanWindow:
+    """Means of named step metrics since the last log line (the autoencoder task's window)."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+
+    def add(self, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+
+    def flush(self) -> dict[str, float]:
+        row = {k: v / self.steps for k, v in self.sums.items()} if self.steps else {"loss": float("nan")}
+        self.sums, self.steps = {}, 0
+        return row
+
+    def state_dict(self) -> dict:
+        return {"sums": dict(self.sums), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums, self.steps = {k: float(v) for k, v in state["sums"].items()}, int(state["steps"])
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

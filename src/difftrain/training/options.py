@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from difftrain.config import Config, ConfigError
+from difftrain.config import Config, ConfigError, TrainConfig
 from difftrain.data import Splits
 from difftrain.training.metrics import WANDB_MODES
 
@@ -12,7 +12,7 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_config(cfg: Config, data: Splits) -> Config:
-    """Fill the model keys that come from the data set (channels, size, class count); migrate train.ema_rate."""
+    """Fill the model keys that come from the data set (channels, size, class count)."""
     m = cfg.model
     for key, value in (("in_channels", data.channels), ("image_size", data.image_size), ("num_classes", data.num_classes)):
         if getattr(m, key) is None:
@@ -23,14 +23,13 @@ def resolve_config(cfg: Config, data: Splits) -> Config:
         raise ConfigError(f"model.num_classes={m.num_classes} but the data set has {data.num_classes} classes")
     if m.out_channels is None and cfg.diffusion.learn_sigma:  # mean and variance interpolation per channel
         m.out_channels = 2 * m.in_channels
-    t = cfg.train
-    if t.ema_rate is not None:  # the old single-rate key
-        t.ema_rates, t.ema_rate = [t.ema_rate], None
     return cfg
 
 
-def check_train_config(cfg: Config, device: torch.device) -> None:
-    t = cfg.train
+def check_train_config(t: TrainConfig, device: torch.device) -> None:
+    """Check the train keys every task uses, and move the old single-rate key train.ema_rate into ema_rates."""
+    if t.ema_rate is not None:  # the old single-rate key
+        t.ema_rates, t.ema_rate = [t.ema_rate], None
     for key in ("steps", "batch_size", "log_every", "max_nonfinite", "devices"):
         if getattr(t, key) <= 0:
             raise ConfigError(f"train.{key} must be positive, got {getattr(t, key)}")
@@ -38,7 +37,7 @@ def check_train_config(cfg: Config, device: torch.device) -> None:
         raise ConfigError(f"train.label_dropout must lie in [0, 1), got {t.label_dropout}")
     if t.microbatch < 0:
         raise ConfigError(f"train.microbatch must be 0 (whole batch) or positive, got {t.microbatch}")
-    rates = t.ema_rates if t.ema_rate is None else [t.ema_rate]
+    rates = t.ema_rates
     if not rates or not all(0 <= r < 1 for r in rates) or len(set(rates)) != len(rates):
         raise ConfigError(f"train.ema_rates must be distinct rates in [0, 1), e.g. [0.9999, 0.999]; got {rates}")
     if t.wandb not in WANDB_MODES:

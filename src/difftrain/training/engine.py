@@ -1,0 +1,327 @@
+"""The training engine: `train(cfg)` runs the configured task and writes the run directory.
+
+The engine is the same for every task (training/tasks/): it owns the run directory, resume and
+checkpoints, stop signals, the process group under torchrun, logging (metrics.jsonl, TensorBoard,
+W&B, the progress bar, images/s), the periodic work (validation, grids, checkpoints) and the end
+of the run (safetensors exports, final grids, the printed summary). The task owns the models,
+optimizers and EMAs and takes one step at a time.
+
+Run directory layout (see docs/architecture.md):
+    config.yaml                   resolved config
+    checkpoints/step-NNNNNNN.pt   everything needed to resume exactly (see `Engine.state_dict`)
+    weights.safetensors           final raw weights
+    weights-ema.safetensors       final weights of the first EMA rate (weights-ema-RATE.safetensors: the others)
+    metrics.jsonl                 one JSON object per log line
+    samples/                      EMA and raw grids during training, final.png and final-raw.png
+    tensorboard/                  TensorBoard event files
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from difftrain.checkpoint import (
+    CheckpointError, atomic_write, checkpoint_name, export_safetensors, list_checkpoints, load_checkpoint,
+    newest_valid_checkpoint, prune_checkpoints, remove_stale_temp_files, save_checkpoint,
+)
+from difftrain.config import Config, ConfigError
+from difftrain.data import BatchStream
+from difftrain.runtime import resolve_device
+from difftrain.training import distributed
+from difftrain.training.ema import ema_label
+from difftrain.training.metrics import MetricsLog
+from difftrain.training.options import check_train_config
+from difftrain.training.schedules import base_lr, lr_at
+from difftrain.training.state import StopSignals, rng_state, seed_everything, set_rng_state
+from difftrain.training.tasks import TASKS, StepResult, task_for
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss stays non-finite); the message names the step."""
+
+
+class Engine:
+    """One run of a task (named, or the one `cfg` selects); `run()` trains to cfg.train.steps."""
+
+    def __init__(self, cfg: Config, task: str | None = None):
+        self.cfg = cfg
+        name = task or task_for(cfg)
+        task_class = TASKS[name]
+        if not task_class.distributed and distributed.world_from_env().active:
+            raise ConfigError(f"the {name} task trains in one process for now; launch it without torchrun and with "
+                              f"train.devices=1")
+        device = resolve_device(cfg.train.device)
+        check_train_config(cfg.train, device)
+        # Under torchrun: join the process group; a CUDA rank takes cuda:LOCAL_RANK. Alone: World() of size 1.
+        self.world, self.device = distributed.setup(device)
+        seed_everything(cfg.train.seed)
+        self.task = task_class(cfg, self.world, self.device)
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        # Every rank reads the same global batch (batch_size x world size); the task trains on its own slice.
+        self.stream = BatchStream(self.task.data.train, cfg.train.batch_size * self.world.size, seed=cfg.train.seed,
+                                  random_flip=cfg.data.random_flip, device=self.device)
+        self.step, self.skipped, self.nonfinite_run = 0, 0, 0
+        self.stop_signals: StopSignals | None = None  # set by run(); the step shares its flag with all ranks
+        self.stop_agreed: str | None = None  # DDP: a stop signal reached some rank (all ranks agree each step)
+        self.tick, self.tick_step = time.perf_counter(), 0  # images/s since the last log line
+
+    # --- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The checkpoint: the task's entries (model, EMAs, optimizers, ...) and the run's (step, data, RNG, ...)."""
+        state = {
+            "config": self.cfg.to_dict(), "step": self.step, **self.task.state_dict(),
+            "data": self.stream.state_dict(), "rng": rng_state(),
+            "counters": {"skipped": self.skipped, "nonfinite_run": self.nonfinite_run},
+            "log_window": self.task.window.state_dict(), "class_names": self.task.data.train.class_names,
+            "world_size": self.world.size,
+        }
+        if self.world.active:  # every rank's RNG states, in rank order (a collective: all ranks call state_dict)
+            state["rng_ranks"] = distributed.gather_objects(self.world, state["rng"])
+        return state
+
+    def load_state_dict(self, state: dict, source: str) -> None:
+        self.task.load_state_dict(state, source)
+        self.stream.load_state_dict(state["data"])
+        saved_world, ranks = int(state.get("world_size", 1)), state.get("rng_ranks")
+        if saved_world == self.world.size and ranks:
+            set_rng_state(ranks[self.world.rank])
+        else:  # the random streams are the same on every rank, so rank 0's ("rng") serves any world size
+            set_rng_state(state["rng"])
+        if saved_world != self.world.size and self.world.main:
+            t = self.cfg.train
+            lr = (f"; train.scale_lr: lr {base_lr(self.cfg, saved_world):g} -> {base_lr(self.cfg, self.world.size):g}"
+                  if t.scale_lr else "")
+            warnings.warn(distributed.world_change_warning(source, saved_world, self.world, t.batch_size,
+                                                           state["data"], lr))
+        self.step = int(state["step"])
+        counters = state.get("counters", {})
+        self.skipped, self.nonfinite_run = int(counters.get("skipped", 0)), int(counters.get("nonfinite_run", 0))
+        if "log_window" in state:
+            self.task.window.load_state_dict(state["log_window"])
+
+    def save(self) -> Path:
+        """Write a checkpoint: every rank builds the state (it gathers the RNG states), rank 0 writes it,
+        then all wait until the file is complete."""
+        t = self.cfg.train
+        path = self.ckpt_dir / checkpoint_name(self.step)
+        state = self.state_dict()
+        if self.world.main:
+            try:
+                self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise CheckpointError(f"cannot create '{self.ckpt_dir}': {e.strerror or e}") from None
+            save_checkpoint(state, path)
+            prune_checkpoints(self.ckpt_dir, t.keep_checkpoints, t.milestone_every)
+        distributed.barrier(self.world)
+        return path
+
+    def resume(self) -> None:
+        """Continue from a checkpoint per train.resume: auto (the newest that loads), none, or a path."""
+        mode = self.cfg.train.resume
+        if mode == "none":
+            if list_checkpoints(self.ckpt_dir):
+                raise ConfigError(
+                    f"'{self.ckpt_dir}' already holds checkpoints and train.resume=none would overwrite them; "
+                    f"use train.resume=auto to continue, or another run_dir"
+                )
+            return
+        if self.world.main:
+            remove_stale_temp_files(self.ckpt_dir)
+        distributed.barrier(self.world)  # every rank reads the checkpoint, after rank 0 has tidied the folder
+        if mode == "auto":
+            found = newest_valid_checkpoint(self.ckpt_dir)
+            if found is None:
+                return
+            path, state = found
+        else:
+            path = Path(mode)
+            state = load_checkpoint(path)
+        self.load_state_dict(state, str(path))
+        distributed.print_main(self.world, f"resumed from {path} at step {self.step}")
+
+    # --- the loop ------------------------------------------------------------------------
+    def train_step(self, lr: float) -> StepResult:
+        """The task's step on the next global batch (the loop then counts it)."""
+        stop = self.stop_signals
+        result = self.task.step(self.stream.next(), lr, self.step, stop is not None and stop.requested is not None)
+        if result.stop_elsewhere:
+            self.stop_agreed = stop.requested if stop and stop.requested else "a stop signal on another rank"
+        return result
+
+    def run(self) -> Path:
+        """Resume, train to train.steps (or until a stop signal, after a checkpoint), finish; returns the run dir."""
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(f"cannot create run directory '{self.run_dir}': {e.strerror or e}") from None
+        self.resume()
+        if self.step >= self.cfg.train.steps and (self.run_dir / "weights-ema.safetensors").exists():
+            distributed.print_main(self.world, f"difftrain: {self.run_dir} is already trained to step {self.step} "
+                                   f"(train.steps={self.cfg.train.steps}); nothing to do. Raise train.steps to train on, "
+                                   f"or sample with: difftrain sample {self.run_dir}")
+            return self.run_dir
+        log = self.open_log()
+        bar = self.progress_bar()
+        try:
+            with StopSignals() as stop:
+                self.stop_signals = stop
+                if self.loop(log, bar):
+                    return self.run_dir
+            bar.close()
+            return self.finish(log)
+        except KeyboardInterrupt:  # only outside the main thread, where StopSignals cannot catch Ctrl-C
+            path = self.save()
+            print(f"\ninterrupted at step {self.step}; saved {path}. Resume with the same command.", file=sys.stderr)
+            raise
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
+
+    def loop(self, log: MetricsLog | None, bar) -> bool:
+        """Steps until train.steps; True when a stop signal ended the loop early (after a checkpoint)."""
+        cfg, t, world = self.cfg, self.cfg.train, self.world
+        self.tick, self.tick_step = time.perf_counter(), self.step
+        while self.step < t.steps:
+            result = self.train_step(lr_at(self.step, cfg, world.size))
+            self.step += 1
+            bar.update(1)
+            self.count_nonfinite(result)
+            if self.step % t.log_every == 0 or self.step == t.steps:
+                self.log_line(log, bar)
+            # DDP: the ranks agreed in the step, so all of them checkpoint and stop at the same step
+            requested = self.stop_agreed if world.active else self.stop_signals.requested
+            pause = time.perf_counter()
+            self.periodic(log, requested is not None)
+            self.tick += time.perf_counter() - pause  # images/s counts training time only
+            if requested:
+                distributed.print_main(
+                    world, f"\ndifftrain: {requested} at step {self.step}: checkpoint written to "
+                    f"{self.ckpt_dir / checkpoint_name(self.step)}. Resume with the same command "
+                    f"(train.resume=auto continues from the newest checkpoint).")
+                return True
+        return False
+
+    def count_nonfinite(self, result: StepResult) -> None:
+        """Count skipped non-finite steps; train.max_nonfinite in a row stop the run."""
+        if math.isfinite(result.loss) and math.isfinite(result.grad_norm):
+            self.nonfinite_run = 0
+            return
+        if result.overflow:
+            return  # fp16 gradient overflow: the loss scaler lowers its scale and skips the step
+        self.nonfinite_run += 1
+        self.skipped += 1
+        warnings.warn(f"step {self.step}: non-finite loss {result.loss} / gradient norm {result.grad_norm}; "
+                      f"update skipped")
+        if self.nonfinite_run >= self.cfg.train.max_nonfinite:
+            raise TrainingError(
+                f"loss non-finite for {self.nonfinite_run} steps in a row (last at step {self.step}); stopped. "
+                f"The last good checkpoint is kept in '{self.ckpt_dir}'; lower train.lr or check the data"
+            )
+
+    def periodic(self, log: MetricsLog | None, stopping: bool) -> None:
+        """Validation, sample grids and checkpoints due after this step (a checkpoint always when stopping).
+        Validation and grids run on rank 0 only (log is None elsewhere)."""
+        t, step = self.cfg.train, self.step
+        if step >= t.steps:
+            return
+        if t.val_every and step % t.val_every == 0 and log is not None:
+            log.log(step, **self.task.validate(step))
+        if t.sample_every and step % t.sample_every == 0 and log is not None:
+            self.write_grids(f"step-{step:07d}", log)
+        if stopping or (t.checkpoint_every and step % t.checkpoint_every == 0):
+            self.save()
+
+    # --- logging -------------------------------------------------------------------------
+    def open_log(self) -> MetricsLog | None:
+        """config.yaml and the metrics log (rank 0 alone writes files); prints the start-up lines."""
+        cfg, world = self.cfg, self.world
+        log = None
+        if world.main:
+            atomic_write(self.run_dir / "config.yaml", lambda f: f.write(cfg.to_yaml().encode()))
+            log = MetricsLog(self.run_dir, cfg.train.tensorboard, cfg.train.wandb, cfg.to_dict())
+        distributed.print_main(world, self.task.summary(self.run_dir))
+        if world.active:
+            distributed.print_main(world, distributed.describe(world, cfg.train.batch_size, cfg.train.microbatch))
+        return log
+
+    def progress_bar(self):
+        from tqdm import tqdm
+
+        t = self.cfg.train
+        # Off a terminal (CI, log files) refresh rarely instead of flooding the log.
+        return tqdm(total=t.steps, initial=self.step, disable=not (t.progress and self.world.main), desc="train",
+                    unit="step", dynamic_ncols=True, mininterval=0.2 if sys.stderr.isatty() else 30)
+
+    def log_line(self, log: MetricsLog | None, bar) -> None:
+        """The task's window since the last line, the lr, global images/s and skipped steps."""
+        cfg, world = self.cfg, self.world
+        elapsed = time.perf_counter() - self.tick
+        ips = (self.step - self.tick_step) * cfg.train.batch_size * world.size / max(elapsed, 1e-9)
+        row = self.task.window.flush()
+        if log is not None:
+            log.log(self.step, **row, lr=lr_at(self.step - 1, cfg, world.size), images_per_s=ips,
+                    skipped_steps=self.skipped)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{ips:.0f}")
+        self.tick, self.tick_step = time.perf_counter(), self.step
+
+    # --- the end of the run ----------------------------------------------------------------
+    def finish(self, log: MetricsLog | None) -> Path:
+        """Last validation and checkpoint; rank 0 exports the weights, draws the final grids, prints the summary."""
+        if self.cfg.train.val_every and log is not None:
+            log.log(self.step, **self.task.validate(self.step))
+        path = self.save()
+        if not self.world.main:
+            distributed.barrier(self.world)  # until rank 0 has exported the weights and drawn the grids
+            return self.run_dir
+        self.export_weights()
+        grid = self.write_grids("final", log)
+        d = self.run_dir
+        print(f"difftrain: trained {self.step} steps. Files in {d}/:\n"
+              f"  checkpoint   {path}\n  weights      {d / 'weights-ema.safetensors'} (EMA {self.task.emas[0].rate}), "
+              f"{d / 'weights.safetensors'} (raw)\n  samples      {grid}\n  metrics      {d / 'metrics.jsonl'}\n"
+              f"{self.task.next_step(d)}", file=sys.stderr)
+        distributed.barrier(self.world)
+        return self.run_dir
+
+    def export_weights(self) -> None:
+        """weights.safetensors (raw), weights-ema.safetensors (first EMA), weights-ema-RATE.safetensors (the others)."""
+        meta = {"config": self.cfg.to_yaml(), "step": str(self.step)}
+        export_safetensors(self.task.model.state_dict(), self.run_dir / "weights.safetensors", meta)
+        for i, ema in enumerate(self.task.emas):
+            name = "weights-ema.safetensors" if i == 0 else f"weights-ema-{ema_label(ema.rate)}.safetensors"
+            export_safetensors(ema.model.state_dict(), self.run_dir / name, {**meta, "ema_rate": ema_label(ema.rate)})
+
+    def write_grids(self, stem: str, log: MetricsLog | None = None) -> Path:
+        """Grids from the default EMA (STEM.png) and the raw weights (STEM-raw.png), under a forked RNG so they
+        never change the training random stream; returns the EMA one."""
+        folder, model = self.run_dir / "samples", self.task.model
+        model.eval()
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            ema_path = self.task.write_grid(folder / f"{stem}.png", self.task.emas[0].model, log, "samples/ema", self.step)
+            self.task.write_grid(folder / f"{stem}-raw.png", model, log, "samples/raw", self.step)
+        model.train()
+        return ema_path
+
+
+def train(cfg: Config) -> Path:
+    """Train `cfg` to cfg.train.steps (resuming per cfg.train.resume); returns the run directory.
+
+    The task is the one cfg selects (training/tasks: autoencoder.kind vq | kl trains a first stage,
+    otherwise a diffusion model). SIGTERM or Ctrl-C finishes the current step, writes a checkpoint and
+    returns early. Under torchrun each rank calls this; the process group is left after a normal end
+    (after an error the process exits and torchrun stops the other ranks).
+    """
+    run_dir = Engine(cfg).run()
+    distributed.cleanup()
+    return run_dir
+
+
+__all__ = ["Engine", "TrainingError", "train"]

@@ -1,0 +1,87 @@
+"""What the engine needs from a training task: the `Task` protocol and the `StepResult` of one step.
+
+A task is one kind of training (denoising diffusion, a first-stage autoencoder, ...). It owns its
+models, optimizers, EMAs, one optimizer step, its checkpoint entries, validation and grids. The
+engine (training/engine.py) owns everything around it: the run directory, resume, checkpoints,
+signals, the process group, logging and the end of the run. Tasks share code through plain
+functions (training/ema.py, training/metrics.py), never by inheriting each other's state.
+
+A new task is one file under training/tasks/ with a class that has the members below, and one
+line in training/tasks/__init__.py's TASKS registry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from difftrain.config import Config
+from difftrain.data import Splits
+from difftrain.training.distributed import World
+from difftrain.training.ema import EMA
+from difftrain.training.metrics import MetricsLog
+
+VAL_MAX_IMAGES = 1024  # validation uses at most this many held-out images, with fixed noise
+
+
+class StepResult(NamedTuple):
+    """What the engine reads from one step: host floats, read in the step's one device sync."""
+
+    loss: float
+    grad_norm: float
+    overflow: bool = False  # a non-finite gradient the loss scaler handles itself (fp16): not a fault
+    stop_elsewhere: bool = False  # DDP: a stop signal reached another rank (gathered with the loss)
+
+
+class Window(Protocol):
+    """Metrics since the last log line: the task adds to it in `step`, the engine flushes and saves it."""
+
+    def flush(self) -> dict[str, float]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class Task(Protocol):
+    """One kind of training. Built as `Task(cfg, world, device)` after the engine has joined the process group
+    and seeded the RNGs; it loads its data and resolves the config keys that depend on it."""
+
+    distributed: bool  # False: the engine refuses to run it under torchrun
+    data: Splits  # the engine batches data.train (images or latents) with a BatchStream
+    model: nn.Module  # the plain trained module: checkpoints, safetensors exports, grids
+    emas: list[EMA]  # emas[0] is the default for sampling
+    window: Window
+
+    @staticmethod
+    def selected_by(cfg: Config) -> bool:
+        """Whether `cfg` asks for this task (train(cfg) takes the one registered task that answers yes)."""
+
+    def step(self, batch: tuple[Tensor, Tensor], lr: float, step: int, stop_requested: bool) -> StepResult:
+        """One optimizer step (0-based `step`) on the global batch; EMAs and `window` updated when finite."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The task's checkpoint entries: "model", "ema", "emas", "optimizer" and any of its own."""
+
+    def load_state_dict(self, state: dict[str, Any], source: str) -> None: ...
+
+    def validate(self, step: int) -> dict[str, float]:
+        """Held-out metrics to log (empty without a held-out split); runs under a forked RNG."""
+
+    def write_grid(self, path: Path, model: nn.Module, log: MetricsLog | None, tag: str, step: int) -> Path:
+        """A PNG of `model`'s output at `path` (and in TensorBoard under `tag`)."""
+
+    def summary(self, run_dir: Path) -> str:
+        """The line printed when training starts."""
+
+    def next_step(self, run_dir: Path) -> str:
+        """The hint printed after the run: what to do with it next."""
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """torch.autocast for mixed precision (train.precision), or nothing for fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)

@@ -1,0 +1,258 @@
+"""The diffusion task: a denoising model (DDPM or flow matching) trained on images or first-stage latents.
+
+One step draws the label dropout, timesteps and noise for the whole global batch, runs the
+micro-batches' backward passes (gradients add up to the batch mean), reads the loss and the
+gradient norm in one host sync, then takes the AdamW step and updates the EMAs:
+
+    loss = mean_i w_i * process.loss(model, x0_i, t_i, noise_i)     w: the timestep sampler's weights
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from difftrain.checkpoint import load_model_state
+from difftrain.config import Config
+from difftrain.data import Splits, load_data
+from difftrain.data.memory import to_model_range
+from difftrain.generation import cycled_labels, generate, write_grid
+from difftrain.interop import init_weights
+from difftrain.models import build_model
+from difftrain.processes import build_process
+from difftrain.training import distributed
+from difftrain.training.distributed import World
+from difftrain.training.ema import EMA, ema_state, load_ema_state
+from difftrain.training.metrics import LossWindow, MetricsLog
+from difftrain.training.options import PRECISIONS, resolve_config
+from difftrain.training.schedules import base_lr
+from difftrain.training.tasks.base import VAL_MAX_IMAGES, StepResult, autocast
+from difftrain.training.timesteps import build_timestep_sampler
+
+
+def load_training_data(cfg: Config, world: World, device: torch.device) -> Splits:
+    """cfg.data's splits; with latent.first_stage, their latents (under DDP with latent.cache rank 0 encodes and
+    writes the cache, then the other ranks read it)."""
+    data = load_data(cfg.data)
+    if not cfg.latent.first_stage:
+        return data
+    from difftrain.latent import latent_splits
+
+    encode_first = world.active and cfg.latent.cache
+    if encode_first and not world.main:
+        distributed.barrier(world)
+    data = latent_splits(cfg, data, device)
+    if encode_first and world.main:
+        distributed.barrier(world)
+    return data
+
+
+class DiffusionTask:
+    """The model, its EMAs, AdamW, the loss scaler and the timestep sampler of a diffusion run."""
+
+    distributed = True
+
+    @staticmethod
+    def selected_by(cfg: Config) -> bool:
+        return cfg.autoencoder.kind == "none"
+
+    def __init__(self, cfg: Config, world: World, device: torch.device):
+        self.cfg, self.world, self.device = cfg, world, device
+        t = cfg.train
+        self.data = load_training_data(cfg, world, device)
+        resolve_config(cfg, self.data)
+        self.process = build_process(cfg.diffusion)  # validates the diffusion keys before any file is written
+        self.timesteps = build_timestep_sampler(t.timestep_sampler, self.process, device)
+        self.model = build_model(cfg.model).to(device)
+        init_weights(self.model, cfg.model.init_from, cfg)  # model.init_from: a run's, safetensors or diffusers weights
+        self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
+        self.model.to(memory_format=self.memory_format)
+        self.emas = [EMA(self.model, rate, t.ema_warmup, t.ema_start) for rate in t.ema_rates]
+        self.ema = self.emas[0]  # the default for sampling
+        # The fused AdamW kernel (CPU and CUDA) is about 10% faster per step here than foreach.
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=base_lr(cfg, world.size), betas=tuple(t.betas),
+                                     weight_decay=t.weight_decay, fused=device.type in ("cpu", "cuda"))
+        self.amp_dtype = PRECISIONS[t.precision]
+        self.scaler = torch.amp.GradScaler("cuda", enabled=t.precision == "fp16")
+        # DDP averages the gradients over the ranks in backward; EMA, validation, grids and checkpoints use
+        # the plain module self.model (the same parameters).
+        self.ddp = None
+        if world.active:
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        trained = self.ddp or self.model
+        self.forward = torch.compile(trained) if t.compile else trained
+        self.window = LossWindow(device)
+        self.null_label = cfg.model.num_classes or 0
+        self.t_scale = 1 / self.process.timesteps if getattr(self.process, "discrete", False) else 1.0
+
+    # --- one step ------------------------------------------------------------------------
+    def step(self, batch: tuple[Tensor, Tensor], lr: float, step: int, stop_requested: bool) -> StepResult:
+        """One optimizer step over the global batch, in micro-batches if configured.
+
+        The loss is the mean of the per-sample losses times the timestep sampler's importance
+        weights. A non-finite loss or gradient norm skips the update (no optimizer or EMA step).
+        Under DDP every rank draws the global batch's label dropout, timesteps and noise from
+        identical random streams and trains on its own slice; DDP averages the gradients, so the
+        step equals one process with the global batch. The returned loss is the global mean.
+        """
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        x0, y, ts, weights, noise = self.draw(batch)
+        per_sample = self.backward(*self.my_slice(x0, y, ts, weights, noise))  # (B,) this rank's losses
+        any_stop = None
+        if self.world.active:  # one collective: every rank's losses (W x B,) and stop-signal flags
+            per_sample, any_stop = distributed.gather_losses(self.world, per_sample, stop_requested)
+        loss, norm, stop_elsewhere = self.clip_and_read(per_sample, any_stop)
+        ok = math.isfinite(loss) and math.isfinite(norm)
+        self.optimizer_step(ok)
+        if ok:
+            self.after_update(step, ts, weights, per_sample, loss, norm)
+        return StepResult(loss, norm, overflow=self.scaler.is_enabled() and math.isfinite(loss),
+                          stop_elsewhere=stop_elsewhere)
+
+    def draw(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None, Tensor]:
+        """The global batch with its label dropout, timesteps, importance weights and noise (drawn for the whole
+        batch: micro-batches and ranks do not change the draws)."""
+        x0, y = batch  # (batch_size x world size, C, H, W)
+        x0 = x0.contiguous(memory_format=self.memory_format)
+        n = x0.shape[0]
+        if self.null_label:  # label dropout for classifier-free guidance
+            drop = torch.rand(n, device=self.device) < self.cfg.train.label_dropout
+            y = torch.where(drop, torch.full_like(y, self.null_label), y)
+        else:
+            y = None
+        ts, weights = self.timesteps.sample(n, self.device)
+        noise = torch.randn_like(x0)
+        return x0, y, ts, weights, noise
+
+    def my_slice(self, *tensors: Tensor | None) -> list[Tensor | None]:
+        """This rank's rows [r B, (r + 1) B) of each global-batch tensor (all of them in one process)."""
+        if not self.world.active:
+            return list(tensors)
+        b = self.cfg.train.batch_size
+        mine = slice(self.world.rank * b, (self.world.rank + 1) * b)
+        return [None if x is None else x[mine] for x in tensors]
+
+    def backward(self, x0: Tensor, y: Tensor | None, ts: Tensor, weights: Tensor | None, noise: Tensor) -> Tensor:
+        """Backward passes over micro-batches of train.microbatch; returns the weighted per-sample losses (B,)."""
+        b = x0.shape[0]
+        micro = self.cfg.train.microbatch
+        chunk = micro if 0 < micro < b else b
+        self.opt.zero_grad(set_to_none=True)
+        parts = []
+        for i in range(0, b, chunk):
+            part = slice(i, i + chunk)
+            yi = None if y is None else y[part]
+            # DDP: gradients are all-reduced only in the last micro-batch's backward
+            no_sync = self.ddp.no_sync() if self.ddp is not None and i + chunk < b else contextlib.nullcontext()
+            with no_sync:
+                with autocast(self.device, self.amp_dtype):
+                    losses = self.process.loss(lambda x, tt: self.forward(x, tt, yi), x0[part], ts[part], noise=noise[part])
+                if weights is not None:
+                    losses = losses * weights[part]
+                self.scaler.scale(losses.sum() / b).backward()  # sum / b: micro-batch gradients add up to the batch mean
+            parts.append(losses.detach())
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def clip_and_read(self, per_sample: Tensor, any_stop: Tensor | None) -> tuple[float, float, bool]:
+        """Unscale (fp16) and clip the gradients; read (loss, gradient norm, stop flag) in the step's one host sync."""
+        loss = per_sample.mean()
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.opt)
+        max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)  # of the averaged gradients
+        synced = [] if any_stop is None else [any_stop]
+        loss_value, norm_value, *stop = torch.stack([loss.float(), grad_norm.float(), *synced]).tolist()
+        return loss_value, norm_value, any(stop)
+
+    def optimizer_step(self, ok: bool) -> None:
+        if self.scaler.is_enabled():
+            self.scaler.step(self.opt)  # skips the update itself on inf/nan gradients
+            self.scaler.update()
+        elif ok:
+            self.opt.step()
+
+    def after_update(self, step: int, ts: Tensor, weights: Tensor | None, per_sample: Tensor, loss: float,
+                     norm: float) -> None:
+        """The EMAs, the timestep sampler's loss history and the log window take the step."""
+        for ema in self.emas:
+            ema.update(self.model, step)
+        unweighted = per_sample if weights is None else per_sample / weights
+        self.timesteps.update(ts, unweighted)
+        self.window.add(loss, norm, ts.float() * self.t_scale, per_sample)
+
+    # --- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), **ema_state(self.emas), "optimizer": self.opt.state_dict(),
+                "scaler": self.scaler.state_dict(), "timestep_sampler": self.timesteps.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any], source: str) -> None:
+        load_model_state(self.model, state["model"], source)
+        load_ema_state(self.emas, self.model, state, source)
+        self.opt.load_state_dict(state["optimizer"])
+        if "scaler" in state and self.scaler.is_enabled() and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        if state.get("timestep_sampler", {}).get("name") == self.timesteps.name:
+            self.timesteps.load_state_dict(state["timestep_sampler"])
+
+    # --- validation, grids, messages -----------------------------------------------------
+    @torch.no_grad()
+    def validate(self, step: int) -> dict[str, float]:
+        """Mean loss on the held-out split for the raw and the default EMA weights (same t and noise)."""
+        test, cfg = self.data.test, self.cfg
+        if test is None or len(test) == 0:
+            return {}
+        n, bs = min(len(test), VAL_MAX_IMAGES), cfg.train.batch_size
+        out = {}
+        self.model.eval()
+        for name, model in (("val_loss", self.model), ("val_loss_ema", self.ema.model)):
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(cfg.train.seed + 1)
+                total = 0.0
+                for i in range(0, n, bs):
+                    x0 = to_model_range(test.images[i : min(i + bs, n)].to(self.device))
+                    if cfg.data.normalize != "none":  # as the training batches (data.normalize)
+                        x0 = (x0 - cfg.data.mean) / cfg.data.std
+                    y = test.labels[i : i + len(x0)].to(self.device) if self.null_label else None
+                    ts = self.process.sample_t(len(x0), self.device)
+                    with autocast(self.device, self.amp_dtype):
+                        total += float(self.process.loss(lambda x, tt: model(x, tt, y), x0, ts).sum())
+            out[name] = total / n
+        self.model.train()
+        return out
+
+    def write_grid(self, path: Path, model: nn.Module, log: MetricsLog | None, tag: str, step: int) -> Path:
+        """Grid with the recipe's sampler: one row per class, for up to 26 classes (10 per row up to 10
+        classes, 5 beyond, e.g. letters A-Z); 8x8 when unconditional."""
+        num_classes = self.cfg.model.num_classes or 0
+        rows = min(num_classes, 26) if num_classes else 8
+        cols = 10 if 0 < num_classes <= 10 else (5 if num_classes else 8)
+        labels = cycled_labels(rows * cols, num_classes, list(range(rows)))
+        images = generate(model, self.cfg, rows * cols, labels=labels, seed=self.cfg.train.seed)
+        write_grid(images, labels, path)
+        if log is not None:
+            from torchvision.utils import make_grid
+
+            log.add_image(tag, make_grid(images, nrow=cols), step)
+        return path
+
+    def summary(self, run_dir: Path) -> str:
+        """Model, data, device."""
+        cfg, m = self.cfg, self.cfg.model
+        n_params = sum(p.numel() for p in self.model.parameters())
+        latent = cfg.latent.first_stage
+        text = (f"difftrain: {m.name} {n_params / 1e6:.2f}M parameters, {len(self.data.train)} training "
+                f"{'latents' if latent else 'images'} {m.in_channels}x{m.image_size}x{m.image_size}, {m.num_classes} "
+                f"classes, device {self.device}, {cfg.train.precision}, run_dir {run_dir}")
+        if latent:
+            text += f"\ndifftrain: first stage {latent}, latent scale_factor {cfg.latent.scale_factor:.5g}"
+        return text
+
+    def next_step(self, run_dir: Path) -> str:
+        return f"Sample more with: difftrain sample {run_dir} --n 100 --out grid.png"
