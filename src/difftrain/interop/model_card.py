@@ -47,7 +47,7 @@ def read_evals(run_dir: Path) -> dict[str, dict]:
     return out
 
 
-def front_matter(cfg: Config, exported: "Exported", report: "ExportReport") -> dict:
+def front_matter(cfg: Config, exported: Exported, report: ExportReport) -> dict:
     k = cfg.model.num_classes or 0
     names = report.facts["class_names"] or [str(i) for i in range(k)]
     tags = ["difftrain", "diffusion", "flow-matching" if cfg.diffusion.process == "flow" else "ddpm",
@@ -60,7 +60,7 @@ def front_matter(cfg: Config, exported: "Exported", report: "ExportReport") -> d
     return meta
 
 
-def model_card(cfg: Config, exported: "Exported", report: "ExportReport") -> str:
+def model_card(cfg: Config, exported: Exported, report: ExportReport) -> str:
     run_dir = Path(report.facts["run_dir"])
     k = cfg.model.num_classes or 0
     batch = cfg.train.batch_size * report.facts["world_size"]
@@ -85,7 +85,7 @@ def model_card(cfg: Config, exported: "Exported", report: "ExportReport") -> str
     return "\n".join(lines)
 
 
-def _notes(cfg: Config, exported: "Exported", report: "ExportReport") -> list[str]:
+def _notes(cfg: Config, exported: Exported, report: ExportReport) -> list[str]:
     k, notes = cfg.model.num_classes or 0, []
     if k:
         notes.append(f"Class {k} is the null class (the unconditional model of classifier-free guidance); "
@@ -109,7 +109,7 @@ def _metrics_lines(metrics: dict[str, tuple[int, float]], evals: dict[str, dict]
     return lines + [""]
 
 
-def usage_code(cfg: Config, exported: "Exported", report: "ExportReport") -> list[str]:
+def usage_code(cfg: Config, exported: Exported, report: ExportReport) -> list[str]:
     """Python that samples the exported folder with diffusers alone (no difftrain import)."""
     folder, steps = str(report.out), cfg.sample.steps
     if report.pipeline:
@@ -127,13 +127,14 @@ def usage_code(cfg: Config, exported: "Exported", report: "ExportReport") -> lis
         lines += _flux_helpers(cfg, exported.patch_size)
     c, size = cfg.model.in_channels, cfg.model.image_size
     noise = "" if flow else " * scheduler.init_noise_sigma"
-    lines += [f"x = torch.randn(len(labels), {c}, {size}, {size}, generator=torch.Generator().manual_seed(0)){noise}",
-              f"scheduler.set_timesteps({steps})", "for t in scheduler.timesteps:"]
+    lines += [f"scheduler.set_timesteps({steps})",
+              f"x = torch.randn(len(labels), {c}, {size}, {size}, generator=torch.Generator().manual_seed(0)){noise}",
+              "for t in scheduler.timesteps:"]
     clip = report.scheduler == "DDIMScheduler" and cfg.sample.clip_x0  # x0 clipped, eps recomputed, as difftrain
     return lines + _guided_body(_model_call(exported, k, flow), k, cfg, clip) + _output_lines(cfg)
 
 
-def _condition_lines(cfg: Config, exported: "Exported", k: int) -> list[str]:
+def _condition_lines(cfg: Config, exported: Exported, k: int) -> list[str]:
     """labels (and the doubled cond/null inputs) for guidance; `labels` sets the batch size everywhere."""
     if not k:
         lines = ["labels = range(16)  # 16 samples"]
@@ -151,7 +152,7 @@ def _condition_lines(cfg: Config, exported: "Exported", k: int) -> list[str]:
     return lines + [f"cond = dict(encoder_hidden_states=torch.zeros({n}, 0, 1), pooled_projections=onehot)"]
 
 
-def _model_call(exported: "Exported", k: int, flow: bool) -> str:
+def _model_call(exported: Exported, k: int, flow: bool) -> str:
     """One model call on the batch (doubled: conditional then null, with classes)."""
     x_in = "torch.cat([x, x])" if k else "x"
     if not flow:
@@ -185,7 +186,8 @@ def _flux_helpers(cfg: Config, p: int) -> list[str]:
     c, size = cfg.model.out_channels or cfg.model.in_channels, cfg.model.image_size
     g = size // p
     return [f"pack = lambda x: x.view(len(x), -1, {g}, {p}, {g}, {p}).permute(0, 2, 4, 1, 3, 5).reshape(len(x), {g * g}, -1)",
-            f"unpack = lambda h: h.view(len(h), {g}, {g}, {c}, {p}, {p}).permute(0, 3, 1, 4, 2, 5).reshape(len(h), {c}, {size}, {size})",
+            f"unpack = lambda h: h.view(len(h), {g}, {g}, {c}, {p}, {p}).permute(0, 3, 1, 4, 2, 5)"
+            f".reshape(len(h), {c}, {size}, {size})",
             f"ids = torch.stack(torch.meshgrid(torch.arange({g}), torch.arange({g}), indexing='ij'), -1).reshape(-1, 2).float()"]
 
 
