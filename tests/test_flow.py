@@ -7,8 +7,7 @@ import torch
 
 from difftrain.config import ConfigError, DiffusionConfig
 from difftrain.processes import FlowMatching, build_process, flow_sigmas, sample_sigma, shift_sigma
-from difftrain.samplers import guided, run_sampler, sample_euler, sample_heun
-
+from difftrain.samplers import guided, sample, sample_euler, sample_heun
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,14 +37,18 @@ def test_forward_process_target_and_mse():
     assert torch.allclose(zero, (eps - x0).pow(2).flatten(1).mean(1))
 
 
-def test_denoiser_recovers_x0_and_eps():
+@pytest.mark.parametrize("sigma", [0.1, 0.5, 0.9, 1.0])
+def test_denoiser_recovers_x0_and_the_ode_is_the_velocity(sigma):
+    """D(x_t; sigma) = x_t - sigma v is x0 for the exact velocity, and dx/dsigma = (x - D) / sigma is v."""
     proc = FlowMatching()
     x0, eps = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
-    sigma = torch.tensor([0.1, 0.5, 0.9])
-    s = sigma.view(-1, 1, 1, 1)
-    x_t = (1 - s) * x0 + s * eps
-    x0_pred, eps_pred = proc.denoiser(lambda x, t: eps - x0)(x_t, sigma)
-    assert torch.allclose(x0_pred, x0, atol=1e-5) and torch.allclose(eps_pred, eps, atol=1e-5)
+    x_t = (1 - sigma) * x0 + sigma * eps
+    seen = []
+    denoiser = proc.k_denoiser(lambda x, t: seen.append(t) or eps - x0)
+    assert torch.allclose(denoiser(x_t, sigma), x0, atol=1e-5)
+    assert torch.allclose((x_t - denoiser(x_t, sigma)) / sigma, eps - x0, atol=1e-5)
+    assert torch.allclose(seen[0], torch.full((3,), sigma * 1000))  # the model sees t = 1000 sigma
+    assert denoiser.with_variance(x_t, sigma)[1] is None and not denoiser.learned_variance
 
 
 def test_timestep_densities():
@@ -96,7 +99,7 @@ def test_euler_loop_equals_diffusers(shift):
     for t in sched.timesteps:
         ref = sched.step(toy_velocity(ref, t.expand(2)), t, ref).prev_sample
     proc = FlowMatching(shift=shift)
-    ours = sample_euler(proc.denoiser(toy_velocity), x, proc.sigmas(steps))
+    ours = sample_euler(proc.k_denoiser(toy_velocity), x, proc.sampling_sigmas(steps))
     assert torch.allclose(ours, ref, atol=1e-5)
 
 
@@ -110,8 +113,28 @@ def test_heun_loop_equals_diffusers():
     for t in sched.timesteps:
         ref = sched.step(toy_velocity(ref, t.expand(2)), t, ref).prev_sample
     proc = FlowMatching(shift=3.0)
-    ours = sample_heun(proc.denoiser(toy_velocity), x, proc.sigmas(steps))
+    ours = sample_heun(proc.k_denoiser(toy_velocity), x, proc.sampling_sigmas(steps))
     assert torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_euler_is_the_same_in_ve_space_but_heun_is_not():
+    """Euler is one map in both coordinates, x_ve = x / (1 - s) at sigma = s / (1 - s) (here on a grid
+    starting below s = 1, where the VE view is finite); Heun's trapezoid is not, so flow models are
+    sampled in their own coordinates, where Heun is diffusers' FlowMatchHeunDiscreteScheduler."""
+    proc = FlowMatching(shift=3.0)
+    flow_d = proc.k_denoiser(toy_velocity)
+
+    def ve_d(x_ve, sigma):  # the same model seen in VE space: D is x0 in both
+        s = sigma / (1 + sigma)
+        return flow_d(x_ve * (1 - s), s)
+
+    s_grid = proc.sampling_sigmas(6)[1:]
+    ve_grid = [s / (1 - s) for s in s_grid]
+    x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    for sampler, equal in ((sample_euler, True), (sample_heun, False)):
+        a = sampler(flow_d, x, s_grid)
+        b = sampler(ve_d, x / (1 - s_grid[0]), ve_grid)
+        assert torch.allclose(a, b, atol=1e-5) == equal, sampler.__name__
 
 
 @pytest.mark.parametrize("name, expected", [("euler", 2.6534307), ("heun", 2.1550369)])
@@ -119,7 +142,7 @@ def test_seeded_full_loop_value(name, expected):
     """One regression value per sampler, so that a numerical change cannot slip through."""
     proc = build_process(DiffusionConfig(process="flow", shift=2.0))
     x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
-    out = run_sampler(proc, name, toy_velocity, x, steps=8)
+    out = sample(proc, name, toy_velocity, x, steps=8)
     assert float(out.sum()) == pytest.approx(expected, abs=1e-4)
 
 
@@ -131,7 +154,7 @@ def test_euler_is_exact_for_straight_paths():
     def v_true(x_t, t):  # for data = {x0}: x_t = (1 - s) x0 + s eps, v = eps - x0 = (x_t - x0) / s
         return (x_t - x0) / (t / 1000).view(-1, 1, 1, 1)
 
-    out = run_sampler(proc, "euler", v_true, torch.randn(1, 1, 4, 4), steps=1)
+    out = sample(proc, "euler", v_true, torch.randn(1, 1, 4, 4), steps=1)
     assert torch.allclose(out, x0, atol=1e-5)
 
 
@@ -145,7 +168,7 @@ def test_classifier_free_guidance_on_velocity():
 
     proc = FlowMatching()
     x, y = torch.zeros(3, 1, 2, 2), torch.tensor([2, 2, 2])
-    out = run_sampler(proc, "euler", guided(model, y, 3.0, 10), x, steps=1)
+    out = sample(proc, "euler", guided(model, y, 3.0, 10), x, steps=1)
     v = 10 + 3.0 * (2 - 10)
     assert torch.allclose(out, torch.full_like(x, -v))  # x + (0 - 1) v
     assert calls == [6]  # conditional and unconditional in one forward
@@ -154,7 +177,7 @@ def test_classifier_free_guidance_on_velocity():
 def test_sampler_process_mismatch_is_explained():
     flow = build_process(DiffusionConfig(process="flow"))
     with pytest.raises(ConfigError, match="euler, heun"):
-        run_sampler(flow, "ddim", toy_velocity, torch.zeros(1, 1, 2, 2), steps=2)
+        sample(flow, "ddim", toy_velocity, torch.zeros(1, 1, 2, 2), steps=2)
 
 
 def test_config_errors():

@@ -3,8 +3,9 @@
 Both sides get identical inputs (the same x, model outputs and noise). Sampler steps are
 checked twice: in float32 against the stock scheduler, whose alphas_cumprod is a float32
 cumprod (ours is float64), so agreement is to float32 precision; and in float64 with the
-scheduler's alphas_cumprod replaced by ours (and without make_denoiser's float32 cast of
-model outputs), which checks the formulas themselves to ~1e-10.
+scheduler's alphas_cumprod replaced by ours (the VE denoiser keeps float64 model outputs in
+float64), which checks the formulas themselves to ~1e-10. Our samplers step the VE state
+x_t / sqrt(alpha_bar); the model sees x_t, which is what we compare mid-trajectory.
 
 A single step from t to t_next is read off a two-step run ts=[t, t_next]: the state the model
 is called on at the second step is x after exactly one step (the last element of ts is a step
@@ -18,7 +19,11 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import DDIMScheduler, DDPMScheduler  # noqa: E402
 
 from difftrain.processes import (  # noqa: E402
-    Schedule, make_betas, make_denoiser, q_sample, training_target, x0_eps_from_output,
+    GaussianDiffusion,
+    Schedule,
+    make_betas,
+    q_sample,
+    training_target,
 )
 from difftrain.samplers import sample_ddim, sample_ddpm, spaced_timesteps  # noqa: E402
 
@@ -71,12 +76,12 @@ def randn(*shape, seed: int, dtype=torch.float32) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
-def denoiser(model, schedule: Schedule, prediction: str = "eps", dtype=torch.float32):
-    """make_denoiser in float32; in float64 the same conversion without its float32 cast of
-    model outputs (which would make a float64 run mixed precision)."""
-    if dtype == torch.float32:
-        return make_denoiser(model, schedule, prediction)
-    return lambda x, t: x0_eps_from_output(prediction, schedule, x, t, model(x, t))
+def run(sampler, model, x, ts: list, *, schedule: Schedule, prediction: str = "eps", **kw):
+    """Our `sampler` from the VP state x at ts[0] down the timesteps ts and on to alpha_bar = 1, through
+    the process's VE start and denoiser, in x's dtype."""
+    process = GaussianDiffusion(schedule, prediction)
+    sigmas = [schedule.sigma_of(t) for t in ts] + [0.0]
+    return sampler(process.k_denoiser(model), process.initial_state(x, sigmas[0]), sigmas, **kw)
 
 
 def seeded_noise(seed: int):
@@ -114,9 +119,7 @@ def one_step(sampler, x, t: int, t_next: int | None, *, schedule: Schedule, pred
     at the second step, which is x after the first step and nothing else.
     """
     model = Recording(out)
-    denoise = denoiser(model, schedule, prediction, x.dtype)
-    ts = [t] if t_next is None else [t, t_next]
-    final = sampler(denoise, x, ts, schedule=schedule, **kw)
+    final = run(sampler, model, x, [t] if t_next is None else [t, t_next], schedule=schedule, prediction=prediction, **kw)
     return final if t_next is None else model.inputs[1]
 
 
@@ -181,7 +184,7 @@ def test_ddpm_full_loop_matches_diffusers(steps, dtype):
     expected = x
     for t in theirs.timesteps:
         expected = theirs.step(toy_model(expected, t.expand(SHAPE[0])), t, expected, generator=g).prev_sample
-    got = sample_ddpm(denoiser(toy_model, ours, dtype=dtype), x, ts, schedule=ours, noise=seeded_noise(7))
+    got = run(sample_ddpm, toy_model, x, ts, schedule=ours, noise=seeded_noise(7))
     assert got.dtype == dtype
     torch.testing.assert_close(got, expected, **LOOP_TOL[dtype])
 
@@ -235,8 +238,7 @@ def test_ddim_full_loop_matches_diffusers(spacing, eta, dtype):
         expected = theirs.step(toy_model(expected, t.expand(SHAPE[0])), t, expected, eta=eta, variance_noise=z).prev_sample
     noise = seeded_noise(12)
     calls = []
-    got = sample_ddim(denoiser(toy_model, ours, dtype=dtype), x, ts, schedule=ours, eta=eta,
-                      noise=lambda x: calls.append(1) or noise(x))
+    got = run(sample_ddim, toy_model, x, ts, schedule=ours, eta=eta, noise=lambda x: calls.append(1) or noise(x))
     assert got.dtype == dtype
     # both sides drew noise at every step but the last, where sigma is 0 (ours skips the draw,
     # diffusers draws and scales it by 0): same stream up to the last step

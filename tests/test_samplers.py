@@ -4,43 +4,13 @@ batch-size invariance of `generate`, and pinned full-loop values so no numerical
 import pytest
 import torch
 
-from difftrain.config import Config
 from difftrain.generation import cycled_labels, generate
-from difftrain.models import build_model
-from difftrain.models.unet import UNet
-from difftrain.processes import Schedule, make_denoiser
-from difftrain.samplers import SAMPLERS, PerSampleNoise, guided, sample_ddim, sample_ddpm, spaced_timesteps
-
-NUM_CLASSES = 3
-SHAPE = (1, 8, 8)
-
-
-def tiny_config(timesteps: int = 50) -> Config:
-    cfg = Config()
-    m = cfg.model
-    m.name, m.image_size, m.in_channels, m.model_channels = "adm_unet", 8, 1, 16
-    m.channel_mult, m.attention_resolutions, m.num_classes = [1, 2], [2], NUM_CLASSES
-    cfg.diffusion.timesteps = timesteps
-    return cfg
-
-
-def tiny_unet(perturb: bool = True) -> UNet:
-    """The tiny UNet from a fixed seed; zero-initialised output layers make it predict exactly 0,
-    so by default every parameter is perturbed with seeded noise to get non-trivial outputs."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = build_model(tiny_config().model)
-    assert isinstance(model, UNet)
-    if perturb:
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model.eval()
+from difftrain.samplers import SAMPLERS, PerSampleNoise, guided
+from tests.samplers_common import NUM_CLASSES, PINNED, SHAPE, Counting, pinned_run, tiny_config, tiny_unet
 
 
 @pytest.fixture(scope="module")
-def model() -> UNet:
+def model():
     return tiny_unet()
 
 
@@ -50,17 +20,6 @@ def inputs(b: int = 4, seed: int = 0):
     t = torch.randint(0, 1000, (b,), generator=g)
     y = torch.arange(b) % NUM_CLASSES
     return x, t, y
-
-
-class Counting:
-    """Wraps a model, recording the batch size of every forward."""
-
-    def __init__(self, model):
-        self.model, self.batches = model, []
-
-    def __call__(self, x, t, y=None):
-        self.batches.append(x.shape[0])
-        return self.model(x, t, y)
 
 
 # --- the model -----------------------------------------------------------------------------
@@ -152,36 +111,18 @@ def test_generate_is_batch_size_invariant(model, sampler, steps):
     assert not torch.equal(a, c)
 
 
-# --- pinned full-loop values ------------------------------------------------------------------
-
-# x.sum() and x.abs().mean() of 4 samples (4 x 64 values) of the tiny model (labels 0, 1, 2, 0; linear schedule of
-# 50 steps; PerSampleNoise(seed=0, range(4)); eps-prediction, no clipping). Recompute only for an
-# intended numerical change, and say why in the commit. Thread count moves them by ~3e-7 relative.
-PINNED = {
-    ("ddim", 0.0): (24.936067581176758, 1.0188242197036743),
-    ("ddim", 1.0): (57.48728942871094, 1.1697553396224976),
-    ("ddpm", None): (48.750511169433594, 1.1826112270355225),
-}
+# --- pinned full-loop values (the table is tests/samplers_common.py's) ----------------------------
 
 
-def pinned_run(model, sampler: str, eta: float | None) -> torch.Tensor:
-    schedule = Schedule.make("linear", 50)
-    y = torch.tensor([0, 1, 2, 0])
-    noise = PerSampleNoise(seed=0, indices=range(4))
-    x = noise.randn_like(torch.empty(4, *SHAPE))
-    denoise = make_denoiser(lambda x, t: model(x, t, y), schedule, "eps")
-    if sampler == "ddim":
-        return sample_ddim(denoise, x, spaced_timesteps(50, 10, "trailing"), schedule=schedule,
-                           noise=noise.randn_like, eta=eta)
-    return sample_ddpm(denoise, x, list(range(49, -1, -1)), schedule=schedule, noise=noise.randn_like)
-
-
-@pytest.mark.parametrize("sampler,eta", list(PINNED))
-def test_full_loop_pinned_values(model, sampler, eta):
-    assert SAMPLERS[sampler] is {"ddim": sample_ddim, "ddpm": sample_ddpm}[sampler]
-    x = pinned_run(model, sampler, eta)
+@pytest.mark.parametrize("case", list(PINNED), ids=lambda c: "-".join(map(str, c)))
+def test_full_loop_pinned_values(model, case):
+    x = pinned_run(model, case)
     assert x.shape == (4, *SHAPE) and torch.isfinite(x).all()
-    total, mean_abs = PINNED[(sampler, eta)]
+    total, mean_abs = PINNED[case]
     # the sum is a difference of large terms: compare it at 1e-4 of the total mass
     assert x.sum().item() == pytest.approx(total, rel=1e-4, abs=1e-4 * x.abs().sum().item())
     assert x.abs().mean().item() == pytest.approx(mean_abs, rel=1e-4)
+
+
+def test_every_sampler_is_pinned():
+    assert {case.sampler for case in PINNED} == set(SAMPLERS.names())

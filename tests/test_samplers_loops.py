@@ -1,21 +1,21 @@
-"""Every VP sampler end to end on the tiny ADM UNet: one pinned seeded full-loop value each,
-batch-size invariance through `generate`, guidance intervals, learned variance (the hybrid loss,
-the variational bound, learned-range DDPM) and bits/dim."""
+"""Every sampler end to end: on a VP and a flow process where its spec says it applies (and a clear
+refusal where not), batch-size invariance through `generate`, guidance intervals, learned variance
+(the hybrid loss, the variational bound, learned-range DDPM) and bits/dim. The pinned full-loop
+values are in tests/samplers_common.py, checked by tests/test_samplers.py."""
 
 import math
 
 import pytest
 import torch
 
+from difftrain.config import ConfigError, DiffusionConfig
 from difftrain.evaluation.nll import bits_per_dim, dataset_bits_per_dim
 from difftrain.generation import cycled_labels, generate
 from difftrain.models.unet import UNet
-from difftrain.processes import GaussianDiffusion, Schedule, make_denoiser
+from difftrain.processes import GaussianDiffusion, Schedule, build_process
 from difftrain.processes.gaussian import hybrid_loss, normal_kl, prior_bpd, q_sample, vlb_terms
-from difftrain.samplers import SAMPLERS, PerSampleNoise, guided, sampler_timesteps
-from tests.test_samplers import NUM_CLASSES, SHAPE, Counting, tiny_config, tiny_unet
-
-T = 50
+from difftrain.samplers import SAMPLERS, PerSampleNoise, guided, model_calls, sample, sampler_names, sampler_steps
+from tests.samplers_common import NUM_CLASSES, SHAPE, Case, Counting, T, pinned_run, tiny_config, tiny_unet
 
 
 @pytest.fixture(scope="module")
@@ -37,46 +37,57 @@ def learned_sigma_unet() -> UNet:
     return m.eval()
 
 
-# --- pinned full loops ------------------------------------------------------------------------
-
-# x.sum() and x.abs().mean() of 4 samples of the tiny model (labels 0, 1, 2, 0; linear schedule of 50 steps;
-# 8 steps, trailing spacing unless named; PerSampleNoise(seed=0, range(4)); eps-prediction, no clipping).
-# Recompute only for an intended numerical change, and say why in the commit.
-PINNED = {
-    ("ddim", "trailing"): (24.907241821289062, 1.0195684432983398),
-    ("ddim", "leading"): (20.2089786529541, 0.9541226625442505),
-    ("ddpm", "trailing"): (53.645606994628906, 1.1550203561782837),
-    ("euler", "trailing"): (24.907249450683594, 1.0195684432983398),
-    ("euler", "karras"): (24.97338104248047, 1.0204224586486816),
-    ("heun", "trailing"): (24.910667419433594, 1.018673300743103),
-    ("dpmpp-2m", "trailing"): (24.833826065063477, 1.018383502960205),
-    ("dpmpp-2m", "karras"): (24.95403289794922, 1.0184838771820068),
-    ("dpmpp-2m-sde", "trailing"): (64.09341430664062, 1.2615506649017334),
-}
+# --- every sampler on every process ----------------------------------------------------------------
 
 
-def pinned_run(model, sampler: str, spacing: str = "trailing") -> torch.Tensor:
-    schedule = Schedule.make("linear", T)
-    y = torch.tensor([0, 1, 2, 0])
-    noise = PerSampleNoise(seed=0, indices=range(4))
-    x = noise.randn_like(torch.empty(4, *SHAPE))
-    denoise = make_denoiser(lambda x, t: model(x, t, y), schedule, "eps")
-    ts = sampler_timesteps(schedule, 8, spacing)
-    return SAMPLERS[sampler](denoise, x, ts, schedule=schedule, noise=noise.randn_like)
+def toy_model(x, t):
+    """A smooth stand-in for a model of either process: eps for DDPM, v for flow (t = 1000 sigma)."""
+    return torch.tanh(x) * (1 + t.float().view(-1, 1, 1, 1) / 1000) - 0.1
 
 
-@pytest.mark.parametrize("sampler,spacing", list(PINNED))
-def test_full_loop_pinned_values(model, sampler, spacing):
-    x = pinned_run(model, sampler, spacing)
-    assert x.shape == (4, *SHAPE) and torch.isfinite(x).all()
-    total, mean_abs = PINNED[(sampler, spacing)]
-    assert x.sum().item() == pytest.approx(total, rel=1e-4, abs=1e-4 * x.abs().sum().item())
-    assert x.abs().mean().item() == pytest.approx(mean_abs, rel=1e-4)
+@pytest.mark.parametrize("process", ["ddpm", "flow"])
+@pytest.mark.parametrize("name", SAMPLERS.names())
+def test_every_sampler_runs_where_its_spec_says_and_refuses_elsewhere(name, process):
+    proc = build_process(DiffusionConfig(process=process, timesteps=T))
+    spec = SAMPLERS[name]
+    x = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(0))
+    calls, steps = [], []
+
+    def model_fn(x_t, t):
+        calls.append(len(x_t))
+        return toy_model(x_t, t)
+
+    if proc.sampling_space not in spec.spaces:
+        assert name not in sampler_names(proc)
+        with pytest.raises(ConfigError, match=f"'{name}' does not apply to process '{process}'; choose from "
+                                              + ", ".join(sampler_names(proc))):
+            sample(proc, name, model_fn, x, steps=4)
+        return
+    assert name in sampler_names(proc)
+    noise = PerSampleNoise(0, range(2)).randn_like
+    out = sample(proc, name, model_fn, x, steps=4, noise=noise, progress=steps.append)
+    assert out.shape == x.shape and torch.isfinite(out).all() and not torch.equal(out, x)
+    n = sampler_steps(proc, name, 4)
+    assert len(steps) == n == (T if spec.every_timestep else 4)
+    assert len(calls) == model_calls(name, n)
+
+
+def test_sampler_options_reach_only_the_samplers_that_take_them():
+    proc = GaussianDiffusion(Schedule.make("linear", T))
+    x = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(0))
+    run = lambda name, **o: sample(proc, name, toy_model, x, steps=4, noise=PerSampleNoise(0, range(2)).randn_like, **o)  # noqa: E731
+    assert torch.equal(run("euler", eta=1.0, variance="large"), run("euler"))  # options of other samplers: left out
+    assert not torch.equal(run("ddim", eta=1.0), run("ddim"))
+    assert not torch.equal(run("euler", s_churn=1.0), run("euler"))  # EDM's churn, in VE space
+    with pytest.raises(ConfigError, match="unknown sampler option 'etta'; choose from eta, s_churn"):
+        run("ddim", etta=1.0)
+    with pytest.raises(ConfigError, match="unknown variance 'tiny'; choose from auto, small, large, learned"):
+        run("ddpm", variance="tiny")
 
 
 def test_euler_equals_ddim_with_eta_zero(model):
     """DDIM (eta 0) is Euler's method in the sigma parameterisation (Karras et al. 2022, section 4)."""
-    torch.testing.assert_close(pinned_run(model, "euler"), pinned_run(model, "ddim"), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pinned_run(model, Case("euler", 8)), pinned_run(model, Case("ddim", 8)), rtol=1e-5, atol=1e-5)
 
 
 # --- batch-size invariance and the guidance interval ----------------------------------------------
@@ -183,12 +194,16 @@ def test_learned_ddpm_with_v_at_the_ends_equals_fixed_variances():
     x = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(4))
     eps_model = lambda x, t: 0.3 * x + 0.01 * t.view(-1, 1, 1, 1)  # noqa: E731
     ts = list(range(T - 1, -1, -5))
+    proc, learned_proc = GaussianDiffusion(s), GaussianDiffusion(s, learn_sigma=True)
+    sigmas = [s.sigma_of(t) for t in ts] + [0.0]
+    x = proc.initial_state(x, sigmas[0])
     for v, variance in ((-1.0, "small"), (1.0, "large")):
-        learned = make_denoiser(lambda x, t: torch.cat([eps_model(x, t), torch.full_like(x, v)], 1), s, learn_sigma=True)
-        a = SAMPLERS["ddpm"](learned, x, ts, schedule=s, variance="learned", noise=PerSampleNoise(0, range(2)).randn_like)
-        b = SAMPLERS["ddpm"](make_denoiser(eps_model, s), x, ts, schedule=s, variance=variance,
-                             noise=PerSampleNoise(0, range(2)).randn_like)
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        learned = learned_proc.k_denoiser(lambda x, t: torch.cat([eps_model(x, t), torch.full_like(x, v)], 1))
+        for chosen in ("learned", "auto"):  # auto: learned for a learned-variance denoiser
+            a = SAMPLERS["ddpm"].fn(learned, x, sigmas, variance=chosen, noise=PerSampleNoise(0, range(2)).randn_like)
+            b = SAMPLERS["ddpm"].fn(proc.k_denoiser(eps_model), x, sigmas, variance=variance,
+                                    noise=PerSampleNoise(0, range(2)).randn_like)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_bits_per_dim_of_a_perfect_gaussian_model():

@@ -1,13 +1,20 @@
 """Timestep respacing equal to guided-diffusion's `space_timesteps` (respace.py), Karras timesteps,
-and the sampler registry's dispatch by process type."""
+the grids of sigmas the processes give the samplers, and the sampler table's specs."""
 
 import pytest
 import torch
 
-from difftrain.config import ConfigError
-from difftrain.processes import Schedule
+from difftrain.config import ConfigError, DiffusionConfig
+from difftrain.processes import GaussianDiffusion, Schedule, build_process, flow_sigmas
 from difftrain.samplers import (
-    FLOW_SAMPLERS, SAMPLERS, karras_timesteps, model_calls, respaced_timesteps, sampler_names, sampler_timesteps,
+    SAMPLERS,
+    karras_timesteps,
+    model_calls,
+    respaced_timesteps,
+    sampler_names,
+    sampler_steps,
+    sampler_timesteps,
+    sampling_sigmas,
     space_timesteps,
 )
 
@@ -88,10 +95,26 @@ def test_sampler_timesteps_respacing_overrides_steps_and_karras_is_fractional():
         assert s.t_at(s.sigma_at(t)) == pytest.approx(t, abs=1e-9)
 
 
-def test_registry_per_process_and_nfe():
-    assert {"ddpm", "ddim", "euler", "heun", "dpmpp-2m", "dpmpp-2m-sde"} <= set(SAMPLERS.names())
-    assert set(FLOW_SAMPLERS) <= set(sampler_names())
-    assert SAMPLERS["euler"] is not FLOW_SAMPLERS["euler"]  # same name, each process its own method
-    assert model_calls("heun", 10) == 19 and model_calls("dpmpp-2m", 10) == 10
+def test_one_table_with_specs_and_nfe():
+    assert SAMPLERS.names() == sampler_names() == ["ddim", "ddpm", "dpmpp-2m", "dpmpp-2m-sde", "euler", "heun"]
+    flow, vp = build_process(DiffusionConfig(process="flow")), build_process(DiffusionConfig(process="ddpm"))
+    assert sampler_names(flow) == ["euler", "heun"] and sampler_names(vp) == sampler_names()
+    assert SAMPLERS["euler"].spaces == {"ve": ("s_churn", "s_tmin", "s_tmax", "s_noise"), "flow": ()}
+    assert SAMPLERS["ddim"].spaces == {"ve": ("eta",)} and SAMPLERS["ddpm"].spaces == {"ve": ("variance",)}
+    assert model_calls("heun", 10) == 19 and model_calls("heun", 1) == 1 and model_calls("dpmpp-2m", 10) == 10
     with pytest.raises(ConfigError, match="choose from"):
         SAMPLERS["dpm++"]
+
+
+def test_process_grids_end_at_zero_and_ddpm_walks_every_timestep():
+    vp = GaussianDiffusion(Schedule.make("linear", 1000))
+    sig = vp.sampling_sigmas(4, "leading")
+    assert sig == [vp.schedule.sigma_of(t) for t in (750, 500, 250, 0)] + [0.0]
+    assert vp.sampling_sigmas(None) == vp.schedule.sigmas.flip(0).tolist() + [0.0]
+    ddim10 = respaced_timesteps(1000, "ddim10")
+    assert vp.sampling_sigmas(4, respacing="ddim10") == [vp.schedule.sigma_of(t) for t in ddim10] + [0.0]
+    assert sampling_sigmas(vp, "ddpm", 4) == vp.sampling_sigmas(None) and sampler_steps(vp, "ddpm", 4) == 1000
+    assert sampler_steps(vp, "ddpm", 4, respacing="ddim10") == 10 and sampler_steps(vp, "ddim", 4) == 4
+    flow = build_process(DiffusionConfig(process="flow", shift=3.0))
+    assert flow.sampling_sigmas(6) == flow_sigmas(6, 3.0, 1000) and flow.sampling_sigmas(6)[0] == 1.0
+    assert sampler_steps(flow, "heun", 6, spacing="karras", respacing="ddim10") == 6  # one grid for flow

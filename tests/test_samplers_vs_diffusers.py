@@ -4,8 +4,8 @@ Karras timesteps against diffusers' schedulers on identical inputs (same start, 
 diffusers keeps sigmas in float32 (from its float32 alphas_cumprod), so these run in float32 and
 agree to ~1e-5; a whole loop goes through 10 steps of a toy eps-model whose outputs are O(1).
 Their alphas_cumprod is replaced by our float64 alpha_bar, so both sides start from the same
-schedule. The sigma-space state is x_t / sqrt(alpha_bar) = x_t sqrt(1 + sigma^2): diffusers' Euler and Heun
-receive that as their start, ours receives the VP noise x_t (the shared sampler signature).
+schedule. Our samplers work in VE space, x_t / sqrt(alpha_bar) = x_t sqrt(1 + sigma^2) (the process's
+`initial_state`), as diffusers' Euler and Heun do; its DDPM and DPM-Solver step x_t itself.
 """
 
 import pytest
@@ -13,18 +13,28 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import (  # noqa: E402
-    DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
 )
 
-from difftrain.processes import Schedule, make_denoiser  # noqa: E402
+from difftrain.config import ConfigError  # noqa: E402
+from difftrain.processes import GaussianDiffusion, Schedule  # noqa: E402
 from difftrain.samplers import (  # noqa: E402
-    karras_timesteps, sample_ddpm, sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_euler_vp, sample_heun_vp,
+    karras_timesteps,
+    sample_ddpm,
+    sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
+    sample_euler,
+    sample_heun,
 )
 
 T = 1000
 SHAPE = (3, 2, 4, 4)
 LOOP_TOL = dict(rtol=1e-5, atol=2e-5)
 SCHEDULE = Schedule.make("linear", T)
+PROCESS = GaussianDiffusion(SCHEDULE, "eps")
 
 
 def randn(*shape, seed: int) -> torch.Tensor:
@@ -53,15 +63,22 @@ def scheduler(cls, **kw):
     return theirs
 
 
-def ours(sampler, x, ts, **kw):
-    return sampler(make_denoiser(toy_model, SCHEDULE, "eps"), x, ts, schedule=SCHEDULE, **kw)
+def sigmas_of(ts: list) -> list[float]:
+    """The VE sigmas of model timesteps (fractional for Karras), then 0: what our samplers walk."""
+    return [SCHEDULE.sigma_of(t) for t in ts] + [0.0]
+
+
+def ours(sampler, x, ts, model=toy_model, process=PROCESS, **kw):
+    """Our sampler from the VP noise x over timesteps ts, through the process's VE denoiser and start."""
+    sigmas = sigmas_of(ts)
+    return sampler(process.k_denoiser(model), process.initial_state(x, sigmas[0]), sigmas, **kw)
 
 
 def timesteps_of(theirs) -> list:
     return [int(t) if float(t).is_integer() else float(t) for t in theirs.timesteps.tolist()]
 
 
-@pytest.mark.parametrize("cls,sampler", [(EulerDiscreteScheduler, sample_euler_vp), (HeunDiscreteScheduler, sample_heun_vp)])
+@pytest.mark.parametrize("cls,sampler", [(EulerDiscreteScheduler, sample_euler), (HeunDiscreteScheduler, sample_heun)])
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 def test_euler_heun_full_loop_match_diffusers(cls, sampler, spacing):
     theirs = scheduler(cls, timestep_spacing=spacing)
@@ -95,7 +112,7 @@ def test_euler_one_step_matches_diffusers():
         return out
 
     ts = timesteps_of(theirs)
-    sample_euler_vp(make_denoiser(model, SCHEDULE, "eps"), x, ts[:2], schedule=SCHEDULE)
+    ours(sample_euler, x, ts[:2], model=model)
     sigma1 = float(SCHEDULE.sigmas[ts[1]])
     torch.testing.assert_close(seen[1] * (1 + sigma1**2) ** 0.5, expected, rtol=1e-5, atol=1e-5)
 
@@ -110,7 +127,7 @@ def test_euler_karras_sigmas_match_diffusers():
     sample = x * (1 + float(theirs.sigmas[0]) ** 2) ** 0.5
     for t in theirs.timesteps:
         sample = theirs.step(toy_model(theirs.scale_model_input(sample, t), t.expand(SHAPE[0])), t, sample).prev_sample
-    torch.testing.assert_close(ours(sample_euler_vp, x, ts), sample, **LOOP_TOL)
+    torch.testing.assert_close(ours(sample_euler, x, ts), sample, **LOOP_TOL)
 
 
 @pytest.mark.parametrize("algorithm,sampler", [("dpmsolver++", sample_dpmpp_2m), ("sde-dpmsolver++", sample_dpmpp_2m_sde)])
@@ -148,7 +165,7 @@ def test_dpmpp_karras_matches_diffusers(algorithm, sampler):
         return toy_model(x_in, torch.full_like(t, rounded[i], dtype=torch.long))
 
     # our conversion uses the exact Karras sigma, diffusers' too: only the model's t was rounded
-    got = sampler(make_denoiser(model, SCHEDULE, "eps"), x, ts, schedule=SCHEDULE, noise=seeded_noise(8))
+    got = ours(sampler, x, ts, model=model, noise=seeded_noise(8))
     torch.testing.assert_close(got, sample, **LOOP_TOL)
 
 
@@ -165,8 +182,8 @@ def test_ddpm_learned_range_step_matches_diffusers(t):
         seen.append(x_in)
         return out
 
-    denoise = make_denoiser(model, SCHEDULE, "eps", learn_sigma=True)
-    sample_ddpm(denoise, x, [t, t - 1], schedule=SCHEDULE, variance="learned", noise=seeded_noise(12))
+    learned = GaussianDiffusion(SCHEDULE, "eps", learn_sigma=True)
+    ours(sample_ddpm, x, [t, t - 1], model=model, process=learned, variance="learned", noise=seeded_noise(12))
     torch.testing.assert_close(seen[1], expected, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="learn_sigma"):
-        sample_ddpm(make_denoiser(lambda x, t: out[:, :2], SCHEDULE), x, [t, t - 1], schedule=SCHEDULE, variance="learned")
+    with pytest.raises(ConfigError, match="learn_sigma"):
+        ours(sample_ddpm, x, [t, t - 1], model=lambda x, t: out[:, :2], variance="learned")

@@ -26,7 +26,7 @@ from difftrain.latent import decoder_for
 from difftrain.models import build_model
 from difftrain.processes import build_process
 from difftrain.runtime import resolve_device  # re-exported: training/ imports it from here
-from difftrain.samplers import PerSampleNoise, guided, run_sampler, sampler_steps
+from difftrain.samplers import PerSampleNoise, guided, sample, sampler_steps
 
 OUTPUT_FORMATS = ("grid", "npz", "png-dir")
 
@@ -115,8 +115,8 @@ def generate(model: nn.Module, cfg: Config, n: int, *, labels: Tensor | None = N
         if trajectory is not None:
             model_fn = _recording(model_fn, batch_frames := [], cfg, decode)
             frames.append(batch_frames)
-        x = run_sampler(process, sampler, model_fn, x, steps=steps, spacing=sc.spacing, respacing=sc.respacing,
-                        clip_x0=sc.clip_x0, eta=eta, variance=sc.variance, noise=noise.randn_like, progress=bar.update)
+        x = sample(process, sampler, model_fn, x, steps=steps, spacing=sc.spacing, respacing=sc.respacing,
+                   clip_x0=sc.clip_x0, noise=noise.randn_like, progress=bar.update, eta=eta, variance=sc.variance)
         out.append(to_uint8(_to_data_range(x, cfg) if decode is None else decode(x)).cpu())
     bar.close()
     images = torch.cat(out)

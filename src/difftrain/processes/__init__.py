@@ -1,24 +1,34 @@
 """Diffusion processes: forward noising, training targets and losses. Models are plain callables.
 
 `build_process(cfg.diffusion)` returns the process object named by `diffusion.process`;
-training calls its `sample_t` and `loss`, sampling its `denoiser`.
+training calls its `sample_t` and `loss`; sampling its `sampling_sigmas`, `initial_state` and
+`k_denoiser`, the D(x; sigma) of `processes.denoiser`.
 """
 
 from __future__ import annotations
 
 from difftrain.config import DiffusionConfig
+from difftrain.processes.denoiser import SPACES, Denoiser
 from difftrain.processes.flow import FlowMatching, flow_sigmas, sample_sigma, shift_sigma
 from difftrain.processes.gaussian import (
     PREDICTIONS,
     SCHEDULES,
     GaussianDiffusion,
     Schedule,
+    k_denoiser,
     make_betas,
-    make_denoiser,
     q_sample,
     training_loss,
     training_target,
     x0_eps_from_output,
+)
+from difftrain.processes.spacing import (
+    SPACINGS,
+    karras_timesteps,
+    respaced_timesteps,
+    sampler_timesteps,
+    space_timesteps,
+    spaced_timesteps,
 )
 from difftrain.registry import Registry
 
@@ -42,6 +52,8 @@ def build_process(cfg: DiffusionConfig):
 
 
 __all__ = [
-    "PREDICTIONS", "PROCESSES", "SCHEDULES", "FlowMatching", "GaussianDiffusion", "flow_sigmas", "sample_sigma", "shift_sigma", "Schedule", "build_process", "make_betas",
-    "make_denoiser", "q_sample", "training_loss", "training_target", "x0_eps_from_output",
+    "PREDICTIONS", "PROCESSES", "SCHEDULES", "SPACES", "SPACINGS", "Denoiser", "FlowMatching", "GaussianDiffusion",
+    "Schedule", "build_process", "flow_sigmas", "k_denoiser", "karras_timesteps", "make_betas", "q_sample",
+    "respaced_timesteps", "sample_sigma", "sampler_timesteps", "shift_sigma", "space_timesteps", "spaced_timesteps",
+    "training_loss", "training_target", "x0_eps_from_output",
 ]

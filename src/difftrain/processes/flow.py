@@ -17,12 +17,12 @@ import torch
 from torch import Tensor
 
 from difftrain.config import ConfigError
+from difftrain.processes.denoiser import Denoiser
 
 TIMESTEP_SAMPLINGS = ("logit_normal", "uniform", "mode")
 LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
-Denoiser = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (x_t, sigma) -> (x0, eps)
 
 
 def shift_sigma(sigma: Tensor, shift: float) -> Tensor:
@@ -83,11 +83,13 @@ class FlowMatching:
     """Rectified flow with v-prediction: what training and sampling need (see `GaussianDiffusion`).
 
     The process's t is sigma itself (float, (B,)); `sample_t` draws it, `loss` gives
-    per-sample MSE(v_pred, eps - x0), `denoiser` wraps a v-model as (x_t, sigma) -> (x0, eps).
+    per-sample MSE(v_pred, eps - x0); for sampling, `sampling_sigmas`, `initial_state` and
+    `k_denoiser` work in the flow's own coordinates (processes/denoiser.py says why).
     """
 
     name = "flow"
     discrete = False  # continuous sigma in [0, 1]
+    sampling_space = "flow"  # samplers see x_t = (1 - sigma) x0 + sigma eps itself
 
     def __init__(self, timesteps: int = 1000, sampling: str = "logit_normal", *, logit_mean: float = 0.0,
                  logit_std: float = 1.0, mode_scale: float = 1.29, shift: float = 1.0, weighting: str = "none"):
@@ -118,19 +120,25 @@ class FlowMatching:
         mse = (v.float() - (eps - x0).float()).pow(2).flatten(1).mean(1)
         return mse * loss_weight(t.float(), self.weighting)
 
-    def sigmas(self, steps: int) -> list[float]:
-        """The sampling noise levels, diffusers' FlowMatchEulerDiscreteScheduler with this shift."""
-        return flow_sigmas(steps, self.shift, self.timesteps)
+    def sampling_sigmas(self, steps: int | None, spacing: str = "trailing", respacing: str = "") -> list[float]:
+        """The sigmas a sampler walks, 1 down to 0: diffusers' FlowMatchEulerDiscreteScheduler with this
+        shift, over `steps` steps (every timestep when None). Flow has this one grid: the discrete
+        schedule's `spacing` and `respacing` do not apply."""
+        return flow_sigmas(self.timesteps if steps is None else steps, self.shift, self.timesteps)
 
-    def denoiser(self, model: ModelFn, clip_x0: bool = False) -> Denoiser:
-        """`denoise(x_t, sigma) -> (x0_pred, eps_pred)` from v: x0 = x_t - sigma v, eps = x_t + (1 - sigma) v.
+    def initial_state(self, noise: Tensor, sigma: float) -> Tensor:
+        """The start at sigma = 1, where x_t is the noise itself."""
+        return noise
+
+    def k_denoiser(self, model: ModelFn, clip_x0: bool = False) -> Denoiser:
+        """D(x_t; sigma) = x_t - sigma v, the x0 of the model's velocity, in flow coordinates.
 
         `clip_x0` is not applied: flow data may be normalised beyond [-1, 1].
         """
 
-        def denoise(x_t: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
-            v = model(x_t, self.model_time(sigma)).float()
-            s = _bcast(sigma, v)
-            return x_t - s * v, x_t + (1 - s) * v
+        def denoise(x_t: Tensor, sigma: float) -> tuple[Tensor, None]:
+            s = torch.full((x_t.shape[0],), sigma, device=x_t.device, dtype=torch.float32)
+            v = model(x_t, self.model_time(s)).float()
+            return x_t - _bcast(s, v) * v, None
 
-        return denoise
+        return Denoiser(denoise)

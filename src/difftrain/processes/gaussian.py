@@ -16,12 +16,13 @@ import torch
 from torch import Tensor
 
 from difftrain.config import ConfigError
+from difftrain.processes.denoiser import Denoiser
+from difftrain.processes.spacing import sampler_timesteps
 
 SCHEDULES = ("linear", "sqrt_linear", "cosine")
 PREDICTIONS = ("eps", "x0", "v")
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
-Denoiser = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (x_t, t) -> (x0, eps)
 
 
 def make_betas(schedule: str, timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
@@ -69,6 +70,10 @@ class Schedule:
         lo = min(int(math.floor(t)), self.timesteps - 2)
         w = t - lo
         return math.exp((1 - w) * float(log_sigmas[lo]) + w * float(log_sigmas[lo + 1]))
+
+    def sigma_of(self, t: float) -> float:
+        """sigma at a model timestep: the table's value at an integer t, else `sigma_at`."""
+        return float(self.sigmas[int(t)]) if float(t).is_integer() else self.sigma_at(t)
 
     def t_at(self, sigma: float) -> float:
         """The (fractional) model timestep of a noise level: diffusers' `_sigma_to_t`, in float64."""
@@ -138,27 +143,38 @@ def training_loss(model: ModelFn, s: Schedule, x0: Tensor, t: Tensor, noise: Ten
     return (out.float() - training_target(prediction, s, x0, t, noise).float()).pow(2).flatten(1).mean(1)
 
 
-def make_denoiser(model: ModelFn, s: Schedule, prediction: str = "eps", clip_x0: bool = False,
-                  learn_sigma: bool = False) -> Denoiser:
-    """Wrap a model into `denoise(x_t, t) -> (x0_pred, eps_pred)` for the samplers.
+def timestep_tensor(t: float, x: Tensor) -> Tensor:
+    """t for every sample of x: int64 for an integer timestep, float64 for a fractional one."""
+    if float(t).is_integer():
+        return torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+    return torch.full((x.shape[0],), float(t), device=x.device, dtype=torch.float64)
 
-    With `clip_x0`, x0_pred is clamped to the data range [-1, 1] and eps recomputed from it
-    (guided-diffusion's `clip_denoised`). With `learn_sigma` the model outputs 2C channels and
-    the denoiser returns a third element, the variance interpolation v in [-1, 1] (see
-    `learned_log_variance`); samplers that do not use it read the first two.
+
+def k_denoiser(model: ModelFn, s: Schedule, prediction: str = "eps", clip_x0: bool = False,
+               learn_sigma: bool = False) -> Denoiser:
+    """D(x; sigma) on the VE state x = x_t / sqrt(alpha_bar) = x0 + sigma eps (see `processes.denoiser`).
+
+    The model sees x_t = x / sqrt(1 + sigma^2) at the timestep of sigma: the schedule's integer t
+    on its own table, else the fractional `t_at(sigma)` (Karras sigmas, EDM's churn). With
+    `clip_x0`, x0 is clamped to the data range [-1, 1] (guided-diffusion's `clip_denoised`). With
+    `learn_sigma` the model outputs 2C channels; the second half is the variance interpolation
+    v in [-1, 1] (see `learned_log_variance`). Model outputs are computed in float32 (float64 stays).
     """
+    table = {sigma: t for t, sigma in enumerate(s.sigmas.tolist())}
 
-    def denoise(x_t: Tensor, t: Tensor):
-        out = model(x_t, t).float()
+    def denoise(x: Tensor, sigma: float) -> tuple[Tensor, Tensor | None]:
+        t = table.get(sigma)
+        tt = timestep_tensor(s.t_at(sigma) if t is None else t, x)
+        x_t = x / (1 + sigma**2) ** 0.5
+        out = model(x_t, tt)
+        out = out if out.dtype == torch.float64 else out.float()
+        v = None
         if learn_sigma:
             out, v = out.chunk(2, dim=1)
-        x0, eps = x0_eps_from_output(prediction, s, x_t, t, out)
-        if clip_x0:
-            x0 = x0.clamp(-1, 1)
-            eps = eps_from_x0(s, x_t, t, x0)
-        return (x0, eps, v) if learn_sigma else (x0, eps)
+        x0, _ = x0_eps_from_output(prediction, s, x_t, tt, out)
+        return (x0.clamp(-1, 1) if clip_x0 else x0), v
 
-    return denoise
+    return Denoiser(denoise, learned_variance=learn_sigma)
 
 
 # --- learned variance and the variational bound (Nichol & Dhariwal 2021) -----------------------
@@ -250,12 +266,14 @@ def hybrid_loss(model: ModelFn, s: Schedule, x0: Tensor, t: Tensor, noise: Tenso
 class GaussianDiffusion:
     """The DDPM process bound to a schedule and a prediction type: what training and sampling need.
 
-    `sample_t` draws training timesteps, `loss` gives per-sample losses, `denoiser` wraps a
-    model for the samplers. Every process (see `processes.PROCESSES`) offers these methods.
+    `sample_t` draws training timesteps, `loss` gives per-sample losses; for sampling,
+    `sampling_sigmas` is the grid, `initial_state` the start and `k_denoiser` D(x; sigma), all in
+    VE space. Every process (see `processes.PROCESSES`) offers these methods.
     """
 
     name = "ddpm"
     discrete = True  # integer timesteps 0..T-1
+    sampling_space = "ve"  # samplers see x_t / sqrt(alpha_bar) = x0 + sigma eps (processes/denoiser.py)
 
     def __init__(self, schedule: Schedule, prediction: str = "eps", *, learn_sigma: bool = False, vlb_weight: float = 0.001):
         if prediction not in PREDICTIONS:
@@ -278,5 +296,15 @@ class GaussianDiffusion:
             return hybrid_loss(model, self.schedule, x0, t, noise, self.prediction, self.vlb_weight)
         return training_loss(model, self.schedule, x0, t, noise, self.prediction)
 
-    def denoiser(self, model: ModelFn, clip_x0: bool = False) -> Denoiser:
-        return make_denoiser(model, self.schedule, self.prediction, clip_x0, self.learn_sigma)
+    def sampling_sigmas(self, steps: int | None, spacing: str = "trailing", respacing: str = "") -> list[float]:
+        """The sigmas a sampler walks, ending at 0: those of `respacing`'s timesteps (guided-diffusion's
+        "250", "ddim50", "10,15,20"), of every timestep (steps None), or of `steps` timesteps spaced by
+        `spacing` (karras: Karras et al. 2022 sigmas at fractional timesteps)."""
+        return [self.schedule.sigma_of(t) for t in sampler_timesteps(self.schedule, steps, spacing, respacing)] + [0.0]
+
+    def initial_state(self, noise: Tensor, sigma: float) -> Tensor:
+        """The VE start at sigma_max from unit noise x_T: x_T / sqrt(alpha_bar_T) = x_T sqrt(1 + sigma^2)."""
+        return noise * (1 + sigma**2) ** 0.5
+
+    def k_denoiser(self, model: ModelFn, clip_x0: bool = False) -> Denoiser:
+        return k_denoiser(model, self.schedule, self.prediction, clip_x0, self.learn_sigma)

@@ -1,11 +1,16 @@
-"""Which model timesteps a sampler visits: spacings, guided-diffusion's respacing, Karras sigmas."""
+"""Which model timesteps a sampler visits on a discrete schedule: spacings, guided-diffusion's
+respacing, Karras sigmas. `GaussianDiffusion.sampling_sigmas` turns them into the sigmas samplers walk."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from difftrain.config import ConfigError
-from difftrain.processes.gaussian import Schedule
+
+if TYPE_CHECKING:
+    from difftrain.processes.gaussian import Schedule
 
 SPACINGS = ("leading", "trailing", "linspace", "karras")
 
@@ -79,10 +84,13 @@ def karras_timesteps(schedule: Schedule, steps: int, rho: float = 7.0) -> list[f
     return [schedule.t_at(float((hi + r * (lo - hi)) ** rho)) for r in ramp]
 
 
-def sampler_timesteps(schedule: Schedule, steps: int, spacing: str = "trailing", respacing: str = "") -> list:
-    """The timesteps to walk: `respacing` if given (guided-diffusion), else `steps` spaced by `spacing`."""
+def sampler_timesteps(schedule: Schedule, steps: int | None, spacing: str = "trailing", respacing: str = "") -> list:
+    """The timesteps to walk: `respacing` if given (guided-diffusion), else every timestep when `steps`
+    is None, else `steps` spaced by `spacing`."""
     if respacing:
         return respaced_timesteps(schedule.timesteps, respacing)
+    if steps is None:
+        return list(range(schedule.timesteps - 1, -1, -1))
     if spacing == "karras":
         return karras_timesteps(schedule, steps)
     return spaced_timesteps(schedule.timesteps, steps, spacing)
