@@ -23,5 +23,7 @@ class PerSampleNoise:
     def randn_like(self, x: Tensor) -> Tensor:
         if x.shape[0] != len(self.generators):
             raise ValueError(f"batch of {x.shape[0]} but {len(self.generators)} generators")
-        rows = [torch.randn(x.shape[1:], generator=g) for g in self.generators]
-        return torch.stack(rows).to(device=x.device, dtype=x.dtype)
+        out = torch.empty(x.shape)  # float32 on the CPU: each row drawn in place, no list of rows to stack
+        for row, g in zip(out, self.generators):
+            torch.randn(x.shape[1:], generator=g, out=row)
+        return out.to(device=x.device, dtype=x.dtype)
