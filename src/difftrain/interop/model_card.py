@@ -90,6 +90,8 @@ def _notes(cfg: Config, exported: Exported, report: ExportReport) -> list[str]:
     if k:
         notes.append(f"Class {k} is the null class (the unconditional model of classifier-free guidance); "
                      f"guidance scale 1 is the plain conditional model.")
+    if cfg.diffusion.process == "ddpm" and cfg.sample.clip_x0 and report.scheduler not in ("DDPMScheduler", "DDIMScheduler"):
+        notes.append(f"difftrain clips x0 to [-1, 1] while sampling (sample.clip_x0); {report.scheduler} does not.")
     if exported.target == "flux":
         notes.append("FLUX takes patches as tokens (packed channel-major) and multiplies the timestep by 1000.")
     if cfg.data.normalize != "none":
