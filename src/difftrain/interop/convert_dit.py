@@ -143,7 +143,8 @@ def _block(state: dict[str, Tensor], ours: str, theirs: str, last: bool) -> dict
     if last:
         dim = state[f"{ours}.attn.proj.bias"].shape[0]
         w, b = state[f"{ours}.modulation.1.weight"][: 2 * dim], state[f"{ours}.modulation.1.bias"][: 2 * dim]
-        out[f"{theirs}.norm1_context.linear.weight"], out[f"{theirs}.norm1_context.linear.bias"] = _swap_halves(w), _swap_halves(b)
+        out[f"{theirs}.norm1_context.linear.weight"] = _swap_halves(w)
+        out[f"{theirs}.norm1_context.linear.bias"] = _swap_halves(b)
     return out
 
 

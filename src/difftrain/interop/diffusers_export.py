@@ -24,12 +24,23 @@ import torch
 from torch import Tensor, nn
 
 from difftrain.checkpoint import (
-    CheckpointError, load_checkpoint, load_model_state, newest_valid_checkpoint, select_weights,
+    CheckpointError,
+    load_checkpoint,
+    load_model_state,
+    newest_valid_checkpoint,
+    select_weights,
 )
 from difftrain.config import Config, ConfigError, config_from_dict
 from difftrain.interop.convert import unet2d_config, unet_to_diffusers
 from difftrain.interop.convert_dit import (
-    CLASSES, class_inputs, dit_config, dit_target, dit_to_diffusers, flux_ids, flux_pack, flux_unpack,
+    CLASSES,
+    class_inputs,
+    dit_config,
+    dit_target,
+    dit_to_diffusers,
+    flux_ids,
+    flux_pack,
+    flux_unpack,
 )
 from difftrain.interop.model_card import model_card
 from difftrain.interop.schedulers import scheduler_config
