@@ -57,6 +57,7 @@ def diffusers_pipeline(unet, cfg, labels: torch.Tensor, steps: int, guidance: fl
 
 def main() -> None:
     from difftrain.generation import cycled_labels, generate
+    from difftrain.samplers import SAMPLERS as TABLE
     from difftrain.samplers import model_calls
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -91,7 +92,7 @@ def main() -> None:
         for name in samplers:
             key = f"difftrain {name} {steps}"
             run_cfg = copy.deepcopy(cfg)
-            if name == "ddpm":  # ancestral sampling over `steps` of the 1000 timesteps (guided-diffusion respacing)
+            if TABLE[name].every_timestep:  # ddpm: `steps` of the 1000 timesteps (guided-diffusion respacing)
                 run_cfg.sample.respacing = str(steps)
             fns[key] = lambda name=name, steps=steps, c=run_cfg: generate(
                 model, c, args.batch, labels=labels, sampler=name, steps=steps, guidance=args.guidance,
