@@ -22,6 +22,7 @@ import typing
 from typing import Any, Callable, Union
 
 MAX_SEED = 2**32 - 1  # numpy and scikit-learn take seeds below 2**32
+MAX_SIDE = 8192  # image sides: 8192 x 8192 RGB is 200 MB a picture, beyond any data set used with diffusion models
 
 
 class ConfigError(ValueError):
@@ -129,6 +130,7 @@ SEED = integer(0, MAX_SEED)
 UNIT = number(0, 1, hi_open=True)  # dropout, decay and EMA rates
 WEIGHT = number(0)  # loss weights
 SIZE_OR_NULL = integer(1, null=True)
+SIDE = integer(1, MAX_SIDE)
 
 RULES: dict[str, Rule] = {
     "run_dir": (lambda v: isinstance(v, str) and bool(v.strip()), "a folder path (not empty)"),
@@ -142,7 +144,7 @@ RULES: dict[str, Rule] = {
     "model.dropout": UNIT,
     "model.norm_groups": COUNT,
     "model.in_channels": SIZE_OR_NULL,
-    "model.image_size": SIZE_OR_NULL,
+    "model.image_size": integer(1, MAX_SIDE, null=True),
     "model.num_classes": integer(0, null=True, note=" (0: unconditional)"),
     "model.out_channels": SIZE_OR_NULL,
     "model.hidden_size": COUNT,
@@ -159,7 +161,7 @@ RULES: dict[str, Rule] = {
     "diffusion.mode_scale": number(),
     "diffusion.shift": number(0, lo_open=True),
     # data
-    "data.image_size": COUNT,
+    "data.image_size": SIDE,
     "data.channels": (lambda v: v in (None, 1, 3) and not isinstance(v, bool), "1, 3 or null (the data set's own)"),
     "data.test_fraction": UNIT,
     "data.split_seed": SEED,
@@ -205,7 +207,7 @@ RULES: dict[str, Rule] = {
     "autoencoder.dropout": UNIT,
     "autoencoder.z_channels": COUNT,
     "autoencoder.embed_dim": COUNT,
-    "autoencoder.resolution": SIZE_OR_NULL,
+    "autoencoder.resolution": integer(1, MAX_SIDE, null=True),
     "autoencoder.n_embed": COUNT,
     "autoencoder.beta": WEIGHT,
     "autoencoder.ema_decay": UNIT,
@@ -234,7 +236,7 @@ CHECKED_WHERE_USED = frozenset({
     "data.normalize",
     "train.scale_lr", "train.lr_schedule", "train.ema_warmup", "train.timestep_sampler", "train.precision",
     "train.compile", "train.channels_last", "train.resume", "train.device", "train.tensorboard", "train.wandb",
-    "train.progress",
+    "train.progress", "train.allow_config_change",
     "sample.sampler", "sample.spacing", "sample.respacing", "sample.variance", "sample.clip_x0",
     "autoencoder.kind", "autoencoder.codebook", "autoencoder.rec_loss", "autoencoder.lpips_required",
     "autoencoder.adaptive_weight",
@@ -294,6 +296,9 @@ def option(parse: Callable[[str], Any], rule: Rule) -> Callable[[str], Any]:
 COUNT_OPTION = option(int, COUNT)  # --n, --steps, --batch-size, ...
 OFF_OR_COUNT_OPTION = option(int, integer(0, note=" (0: all)"))  # --limit, --max-fonts
 SEED_OPTION = option(int, SEED)
+SIDE_OPTION = option(int, SIDE)  # --image-size
+PER_CLASS_OPTION = option(int, integer(1, 256))  # preview images per class
+FONT_SIZE_OPTION = option(int, integer(1, 512))  # letters are drawn at 4x first, on a canvas 3x wider again
 NUMBER_OPTION = option(float, number())  # --guidance: any finite number
 NONNEGATIVE_OPTION = option(float, number(0))  # --eta
 
