@@ -34,7 +34,7 @@ class SamplerSpec:
     def options_for(self, process, options: dict) -> dict:
         """The options this sampler takes on `process`; the others are left out (the CLI passes `--eta`
         and `--variance` to every sampler). A name no sampler takes is an error."""
-        known = sorted({o for spec in (SAMPLERS[n] for n in SAMPLERS.names()) for opts in spec.spaces.values() for o in opts})
+        known = sorted({option for name in SAMPLERS.names() for taken in SAMPLERS[name].spaces.values() for option in taken})
         unknown = sorted(set(options) - set(known))
         if unknown:
             raise ConfigError(f"unknown sampler option {', '.join(map(repr, unknown))}; choose from {', '.join(known)}")
