@@ -28,3 +28,13 @@ def test_resolve_device_names(monkeypatch):
         resolve_device("cuda:0")
     with pytest.raises(ConfigError, match="unknown device 'gpu'"):
         resolve_device("gpu")
+
+
+def test_keep_freed_memory_sets_glibc_thresholds():
+    """On glibc (this project's machines) the allocator keeps freed activations; elsewhere nothing changes."""
+    import platform
+
+    from difftrain.runtime import keep_freed_memory
+
+    expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory() is expected

@@ -412,6 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.formatwarning = lambda msg, cat, *a, **k: f"difftrain: warning: {msg}\n"
+    if args.command in ("train", "sample", "eval"):  # model work: keep freed activations (runtime.keep_freed_memory)
+        from difftrain.runtime import keep_freed_memory
+
+        keep_freed_memory()
     try:
         return args.func(args)
     except _error_types() as e:
