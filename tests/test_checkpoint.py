@@ -84,7 +84,7 @@ def test_unwritable_directory_is_a_clear_error(tmp_path):
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o500)
         target = ro / "step-0000001.pt"
-    with pytest.raises(CheckpointError, match="could not write"):
+    with pytest.raises(CheckpointError, match="cannot write checkpoint"):
         save_checkpoint({"step": 1}, target)
 
 

@@ -104,4 +104,7 @@ def test_resume_from_another_architecture_is_refused(tiny_run, tmp_path):
     run = tmp_path / "other"
     shutil.copytree(tiny_run, run)
     proc = run_cli("train", "digits", f"run_dir={run}", "train.steps=30", *TINY, "model.model_channels=8", check=False)
+    assert proc.returncode == 2 and "model.model_channels: 16 -> 8" in proc.stderr and "allow_config_change" in proc.stderr
+    proc = run_cli("train", "digits", f"run_dir={run}", "train.steps=30", *TINY, "model.model_channels=8",
+                   "train.allow_config_change=true", check=False)  # allowed, the weights still do not fit
     assert proc.returncode == 2 and "another architecture" in proc.stderr and "shape mismatch" in proc.stderr

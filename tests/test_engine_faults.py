@@ -15,6 +15,7 @@ import torch
 from difftrain import checkpoint as ckpt
 from difftrain.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, newest_valid_checkpoint, prune_checkpoints
 from difftrain.training import TrainingError
+from difftrain.training.metrics import read_metrics
 from tests.test_engine_resume import SMALL, final_state, make_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -76,6 +77,8 @@ def test_repeated_kill_9_then_resume_always_completes(tmp_path):
     assert proc.returncode == 0, err
     assert final_state(tmp_path)["step"] == steps and (tmp_path / "weights-ema.safetensors").is_file()
     assert not list((tmp_path / "checkpoints").glob(".*.tmp-*"))  # writes cut short are cleaned up
+    logged = [r["step"] for r in read_metrics(tmp_path) if "loss" in r]
+    assert logged == list(range(3, steps + 1, 3))  # each log line once across the kills and resumes
 
 
 def test_nonfinite_losses_stop_after_k_in_a_row_naming_the_step(tmp_path):
@@ -107,7 +110,8 @@ def test_full_disk_on_save_is_a_clear_error_and_keeps_earlier_checkpoints(tmp_pa
         real_save(obj, f)
 
     monkeypatch.setattr(ckpt.torch, "save", save)
-    with pytest.raises(CheckpointError, match=r"step-0000004.pt.*No space left on device.*files written before are intact"):
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint '.*step-0000004.pt': No space left on device; "
+                                              r"files written before are intact"):
         tr.run()
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-0000002.pt"]
     assert load_checkpoint(tmp_path / "checkpoints" / "step-0000002.pt")["step"] == 2
@@ -123,7 +127,7 @@ def test_unwritable_run_directory_is_a_clear_error(tmp_path):
 
 def test_keep_last_k_plus_milestones(tmp_path):
     for step in range(1, 11):
-        (tmp_path / f"step-{step:07d}.pt").write_bytes(b"x")
+        ckpt.save_checkpoint({"step": step}, tmp_path / f"step-{step:07d}.pt")
     prune_checkpoints(tmp_path, keep=2, milestone_every=4)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000004.pt", "step-0000008.pt", "step-0000009.pt",
                                                              "step-0000010.pt"]
@@ -138,3 +142,4 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
     with pytest.warns(UserWarning, match="step-0000004.pt"):
         tr.resume()
     assert tr.step == 2 and not list((tmp_path / "checkpoints").glob(".*"))
+    assert (tmp_path / "checkpoints" / "unreadable" / "step-0000004.pt").is_file()  # moved aside, not deleted

@@ -45,8 +45,11 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call `write(file)` on a temporary file beside `path`, fsync it, then rename it over `path`."""
+def atomic_write(path: Path, write, what: str = "file") -> None:
+    """Call `write(file)` on a temporary file beside `path`, fsync it, then rename it over `path`.
+
+    Any failure (a full disk: OSError, or torch's RuntimeError around it) removes the temporary file and
+    raises CheckpointError naming `what`, the file and the cause; the file at `path` stays as it was."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -55,18 +58,30 @@ def atomic_write(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         try:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
-        raise CheckpointError(f"could not write '{path}': {e.strerror or e}; files written before are intact") from None
+        if isinstance(e, CheckpointError) or not isinstance(e, (OSError, RuntimeError)):
+            raise
+        raise CheckpointError(f"cannot write {what} '{path}': {_cause(e)}; files written before are intact") from None
     _fsync_dir(path.parent)
+
+
+def _cause(e: BaseException) -> str:
+    """The OS error behind `e` (torch.save wraps a failed file write in a RuntimeError), or e's first line."""
+    seen = e
+    while seen is not None and not isinstance(seen, OSError):
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(seen, OSError):
+        return seen.strerror or str(seen)
+    return (str(e) or type(e).__name__).splitlines()[0]
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     state = {"format": FORMAT, "version": VERSION, **state}
-    atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write(path, lambda f: torch.save(state, f), what="checkpoint")
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -120,14 +135,26 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if STEP_FILE.match(p.name)), key=checkpoint_step)
 
 
-def newest_valid_checkpoint(folder: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that loads, warning about each newer one that does not."""
+def newest_valid_checkpoint(folder: Path, skipped: list[Path] | None = None) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that loads, warning about each newer one that does not (appended to `skipped`)."""
     for path in reversed(list_checkpoints(folder)):
         try:
             return path, load_checkpoint(path)
         except CheckpointError as e:
             warnings.warn(f"skipping unreadable checkpoint: {e}")
+            if skipped is not None:
+                skipped.append(path)
     return None
+
+
+def looks_complete(path: Path) -> bool:
+    """Whether `path` is a whole torch.save zip (its central directory, at the end, names data.pkl): a cheap
+    check that catches truncated and foreign files without loading the tensors."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(name.endswith("data.pkl") for name in z.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
 
 
 def remove_stale_temp_files(folder: Path) -> list[Path]:
@@ -145,17 +172,29 @@ def checkpoint_step(path: Path) -> int:
     return int(STEP_FILE.match(Path(path).name)[1])
 
 
-def prune_checkpoints(folder: Path, keep: int, milestone_every: int = 0) -> None:
-    """Delete all but the newest `keep` checkpoints (keep <= 0 keeps everything), sparing milestones.
+def prune_checkpoints(folder: Path, keep: int, milestone_every: int = 0, newest: Path | None = None) -> list[Path]:
+    """Delete old checkpoints, keeping the newest `keep` complete ones and milestones (keep <= 0 keeps everything).
 
-    A milestone is a checkpoint whose step is a multiple of `milestone_every` (> 0).
+    Only checkpoints up to `newest` (the one just written: the current trajectory) are considered, and
+    a file that does not look complete is neither counted as kept nor deleted, so pruning never deletes
+    the newest good checkpoint. A milestone is a checkpoint whose step is a multiple of `milestone_every`
+    (> 0). Returns the deleted files.
     """
     if keep <= 0:
-        return
-    for path in list_checkpoints(folder)[:-keep]:
-        if milestone_every > 0 and checkpoint_step(path) % milestone_every == 0:
+        return []
+    paths = list_checkpoints(folder)
+    if newest is not None:
+        paths = [p for p in paths if checkpoint_step(p) <= checkpoint_step(newest)]
+    kept, removed = 0, []
+    for path in reversed(paths):
+        if path != newest and not looks_complete(path):
             continue
-        path.unlink(missing_ok=True)
+        if kept < keep:
+            kept += 1
+        elif not (milestone_every > 0 and checkpoint_step(path) % milestone_every == 0):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -180,7 +219,7 @@ def export_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dic
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     data = save(tensors, metadata=metadata)
-    atomic_write(path, lambda f: f.write(data))
+    atomic_write(path, lambda f: f.write(data), what="weights")
 
 
 def select_weights(state: dict[str, Any], weights: str, source: str) -> dict[str, torch.Tensor]:

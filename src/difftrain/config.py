@@ -132,6 +132,7 @@ class TrainConfig:
     sample_every: int = 500  # 0 disables grids during training (the final grid is always written)
     keep_checkpoints: int = 3
     resume: str = "auto"  # auto | none | path to a checkpoint
+    allow_config_change: bool = False  # resume even when diffusion, model or image-shape keys differ from the checkpoint's
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     devices: int = 1  # > 1: `difftrain train` starts torchrun with this many processes on this machine (batch_size is per process)
     tensorboard: bool = True

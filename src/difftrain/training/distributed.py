@@ -62,8 +62,8 @@ def world_from_env() -> World:
 def setup(device: torch.device) -> tuple[World, torch.device]:
     """Join torchrun's process group (once per process) and pick this rank's device.
 
-    CUDA: NCCL, and rank r on its node uses cuda:LOCAL_RANK (cuda:0 when each process sees one GPU). CPU: gloo. Returns (World(), device)
-    unchanged when not launched by torchrun or when the world has one process.
+    CUDA: NCCL, and rank r on its node uses cuda:LOCAL_RANK (cuda:0 when each process sees one GPU). CPU: gloo.
+    Returns (World(), device) unchanged when not launched by torchrun or when the world has one process.
     """
     world = world_from_env()
     if not world.active:

@@ -27,8 +27,14 @@ from pathlib import Path
 import torch
 
 from difftrain.checkpoint import (
-    CheckpointError, atomic_write, checkpoint_name, export_safetensors, list_checkpoints, load_checkpoint,
-    newest_valid_checkpoint, prune_checkpoints, remove_stale_temp_files, save_checkpoint,
+    CheckpointError,
+    atomic_write,
+    checkpoint_name,
+    export_safetensors,
+    list_checkpoints,
+    prune_checkpoints,
+    remove_stale_temp_files,
+    save_checkpoint,
 )
 from difftrain.config import Config, ConfigError
 from difftrain.data import BatchStream
@@ -37,6 +43,7 @@ from difftrain.training import distributed
 from difftrain.training.ema import ema_label
 from difftrain.training.metrics import MetricsLog
 from difftrain.training.options import check_train_config
+from difftrain.training.rundir import RunLock, check_config_change, find_checkpoint, tidy_for_resume
 from difftrain.training.schedules import base_lr, lr_at
 from difftrain.training.state import StopSignals, rng_state, seed_everything, set_rng_state
 from difftrain.training.tasks import TASKS, StepResult, task_for
@@ -118,33 +125,33 @@ class Engine:
             except OSError as e:
                 raise CheckpointError(f"cannot create '{self.ckpt_dir}': {e.strerror or e}") from None
             save_checkpoint(state, path)
-            prune_checkpoints(self.ckpt_dir, t.keep_checkpoints, t.milestone_every)
+            prune_checkpoints(self.ckpt_dir, t.keep_checkpoints, t.milestone_every, newest=path)
         distributed.barrier(self.world)
         return path
 
     def resume(self) -> None:
-        """Continue from a checkpoint per train.resume: auto (the newest that loads), none, or a path."""
-        mode = self.cfg.train.resume
-        if mode == "none":
-            if list_checkpoints(self.ckpt_dir):
-                raise ConfigError(
-                    f"'{self.ckpt_dir}' already holds checkpoints and train.resume=none would overwrite them; "
-                    f"use train.resume=auto to continue, or another run_dir"
-                )
-            return
-        if self.world.main:
+        """Continue from a checkpoint per train.resume: auto (the newest that loads), none, or a path.
+
+        Nothing is deleted: unreadable checkpoints move to checkpoints/unreadable/, those after the resumed
+        step (another trajectory) to checkpoints/abandoned-TIMESTAMP/, and metrics.jsonl loses its lines after
+        the resumed step. A checkpoint of another objective or model is refused first (rundir.config_changes)."""
+        mode, world = self.cfg.train.resume, self.world
+        if mode == "none" and list_checkpoints(self.ckpt_dir):
+            raise ConfigError(f"'{self.ckpt_dir}' already holds checkpoints and train.resume=none would overwrite them; "
+                              f"use train.resume=auto to continue, or another run_dir")
+        if world.main:
             remove_stale_temp_files(self.ckpt_dir)
-        distributed.barrier(self.world)  # every rank reads the checkpoint, after rank 0 has tidied the folder
-        if mode == "auto":
-            found = newest_valid_checkpoint(self.ckpt_dir)
-            if found is None:
-                return
-            path, state = found
-        else:
-            path = Path(mode)
-            state = load_checkpoint(path)
-        self.load_state_dict(state, str(path))
-        distributed.print_main(self.world, f"resumed from {path} at step {self.step}")
+        distributed.barrier(world)  # every rank reads the checkpoint, after rank 0 has tidied the folder
+        found, unreadable = find_checkpoint(self.ckpt_dir, mode)
+        if found is not None:
+            check_config_change(*found, self.cfg)
+        distributed.barrier(world)  # every rank has read it: rank 0 may move files
+        if world.main:
+            tidy_for_resume(self.run_dir, int(found[1]["step"]) if found else 0, unreadable)
+        distributed.barrier(world)
+        if found is not None:
+            self.load_state_dict(found[1], str(found[0]))
+            distributed.print_main(world, f"resumed from {found[0]} at step {self.step}")
 
     # --- the loop ------------------------------------------------------------------------
     def train_step(self, lr: float) -> StepResult:
@@ -156,17 +163,28 @@ class Engine:
         return result
 
     def run(self) -> Path:
-        """Resume, train to train.steps (or until a stop signal, after a checkpoint), finish; returns the run dir."""
+        """Resume, train to train.steps (or until a stop signal, after a checkpoint), finish; returns the run dir.
+        Rank 0 holds the run directory's lock (rundir.RunLock) meanwhile."""
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise CheckpointError(f"cannot create run directory '{self.run_dir}': {e.strerror or e}") from None
-        self.resume()
-        if self.step >= self.cfg.train.steps and (self.run_dir / "weights-ema.safetensors").exists():
-            distributed.print_main(self.world, f"difftrain: {self.run_dir} is already trained to step {self.step} "
-                                   f"(train.steps={self.cfg.train.steps}); nothing to do. Raise train.steps to train on, "
-                                   f"or sample with: difftrain sample {self.run_dir}")
-            return self.run_dir
+        lock = RunLock(self.run_dir) if self.world.main else None
+        if lock is not None:
+            lock.acquire()
+        try:
+            self.resume()
+            if self.step >= self.cfg.train.steps and (self.run_dir / "weights-ema.safetensors").exists():
+                distributed.print_main(self.world, f"difftrain: {self.run_dir} is already trained to step {self.step} "
+                                       f"(train.steps={self.cfg.train.steps}); nothing to do. Raise train.steps to train "
+                                       f"on, or sample with: difftrain sample {self.run_dir}")
+                return self.run_dir
+            return self.train_to_end()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def train_to_end(self) -> Path:
         log = self.open_log()
         bar = self.progress_bar()
         try:
@@ -245,7 +263,7 @@ class Engine:
         cfg, world = self.cfg, self.world
         log = None
         if world.main:
-            atomic_write(self.run_dir / "config.yaml", lambda f: f.write(cfg.to_yaml().encode()))
+            atomic_write(self.run_dir / "config.yaml", lambda f: f.write(cfg.to_yaml().encode()), what="config")
             log = MetricsLog(self.run_dir, cfg.train.tensorboard, cfg.train.wandb, cfg.to_dict())
         distributed.print_main(world, self.task.summary(self.run_dir))
         if world.active:
@@ -274,15 +292,16 @@ class Engine:
 
     # --- the end of the run ----------------------------------------------------------------
     def finish(self, log: MetricsLog | None) -> Path:
-        """Last validation and checkpoint; rank 0 exports the weights, draws the final grids, prints the summary."""
+        """Last validation and checkpoint; rank 0 draws the final grids and exports the weights (last: their
+        presence marks a finished run), then prints the summary."""
         if self.cfg.train.val_every and log is not None:
             log.log(self.step, **self.task.validate(self.step))
         path = self.save()
         if not self.world.main:
             distributed.barrier(self.world)  # until rank 0 has exported the weights and drawn the grids
             return self.run_dir
-        self.export_weights()
         grid = self.write_grids("final", log)
+        self.export_weights()
         d = self.run_dir
         print(f"difftrain: trained {self.step} steps. Files in {d}/:\n"
               f"  checkpoint   {path}\n  weights      {d / 'weights-ema.safetensors'} (EMA {self.task.emas[0].rate}), "

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from difftrain.checkpoint import CheckpointError
 from difftrain.config import ConfigError
 
 WANDB_MODES = ("none", "online", "offline")  # not "off": YAML reads that as false
@@ -18,7 +19,10 @@ WANDB_MODES = ("none", "online", "offline")  # not "off": YAML reads that as fal
 class MetricsLog:
     def __init__(self, run_dir: Path, tensorboard: bool = True, wandb: str = "none", config: dict | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
-        self._file = open(self.path, "a", buffering=1)
+        try:
+            self._file = open(self.path, "a", buffering=1)
+        except OSError as e:
+            raise CheckpointError(f"cannot write metrics '{self.path}': {e.strerror or e}") from None
         self._tb = self._wandb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -36,7 +40,11 @@ class MetricsLog:
 
     def log(self, step: int, **values: Any) -> None:
         row = {"step": step, **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}}
-        self._file.write(json.dumps(row) + "\n")
+        try:
+            self._file.write(json.dumps(row) + "\n")
+        except OSError as e:  # a cut-short line is dropped when the run resumes (rundir.trim_metrics)
+            raise CheckpointError(f"cannot write metrics '{self.path}': {e.strerror or e}; the checkpoints written "
+                                  f"before are intact") from None
         numbers = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
         if self._tb is not None:
             for k, v in numbers.items():
@@ -54,7 +62,10 @@ class MetricsLog:
             self._wandb.log({tag: wb.Image(image.permute(1, 2, 0).numpy())}, step=step)
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:  # the write that failed has raised already, naming the file
+            pass
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:

@@ -65,7 +65,7 @@ class StopSignals:
             signal.signal(sig, old)
         self._old = {}
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             self._old = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         return self

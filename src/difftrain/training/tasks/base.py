@@ -21,7 +21,6 @@ from torch import Tensor, nn
 
 from difftrain.config import Config
 from difftrain.data import Splits
-from difftrain.training.distributed import World
 from difftrain.training.ema import EMA
 from difftrain.training.metrics import MetricsLog
 

@@ -1,0 +1,213 @@
+"""Keeping a run directory consistent: one writer, a resume that never deletes, one metrics line per step.
+
+- `RunLock`: `RUN_DIR/.lock`, held with fcntl.flock by the one process that writes the run (rank 0
+  under torchrun). The OS releases it when the process ends, however it ends (kill -9 included); the
+  file names the holder (pid, host, start time) for the error a second trainer gets.
+- `set_aside`: checkpoints a resume must not use again are moved, never deleted: unreadable files to
+  `checkpoints/unreadable/`, those after the resumed step to `checkpoints/abandoned-TIMESTAMP/`.
+- `config_changes`: the keys whose change makes a checkpoint mean something else (objective, model,
+  image shape); resuming with any of them changed is refused unless train.allow_config_change.
+- `trim_metrics`: metrics.jsonl without the lines after the resumed step (and any cut-short line).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from difftrain.checkpoint import (
+    CheckpointError,
+    atomic_write,
+    checkpoint_step,
+    list_checkpoints,
+    load_checkpoint,
+    looks_complete,
+    newest_valid_checkpoint,
+)
+from difftrain.config import Config, ConfigError
+
+LOCK_FILE = ".lock"
+UNREADABLE = "unreadable"
+
+# Keys that change what a checkpoint's weights mean; every other key (steps, lr, intervals, device,
+# logging, sampling, ...) may change on resume. Model keys: all but model.init_from.
+OBJECTIVE_KEYS = ("diffusion.process", "diffusion.prediction", "diffusion.schedule", "diffusion.timesteps",
+                  "diffusion.beta_start", "diffusion.beta_end", "diffusion.learn_sigma", "diffusion.shift",
+                  "data.image_size", "data.channels")
+AUTOENCODER_KEYS = ("kind", "ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "embed_dim",
+                    "resolution", "n_embed", "codebook")
+
+
+class RunDirBusy(ConfigError):
+    """Another process is writing this run directory."""
+
+
+class RunLock:
+    """An exclusive lock on `RUN_DIR/.lock` for the life of this object's `acquire` ... `release`."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK_FILE
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise CheckpointError(f"cannot create the lock file '{self.path}': {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 4096).decode(errors="replace")
+            os.close(fd)
+            raise RunDirBusy(f"run directory '{self.path.parent}' is in use by another trainer ({describe_holder(holder)}); "
+                             f"wait for it to end, stop it, or train into another run_dir") from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+        os.ftruncate(fd, 0)
+        os.write(fd, (json.dumps(info) + "\n").encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        """Unlock (closing the file releases the flock); the file stays, naming the last holder."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def describe_holder(text: str) -> str:
+    try:
+        info = json.loads(text)
+        return f"pid {info['pid']} on host {info['host']}, started {info['started']}"
+    except (ValueError, KeyError, TypeError):
+        return "holder unknown"
+
+
+def set_aside(paths: list[Path], folder: Path) -> list[Path]:
+    """Move `paths` into `folder` (created); returns the new paths."""
+    if not paths:
+        return []
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        moved = []
+        for p in paths:
+            target = folder / p.name
+            os.replace(p, target)
+            moved.append(target)
+    except OSError as e:
+        raise CheckpointError(f"cannot move checkpoints aside into '{folder}': {e.strerror or e}") from None
+    return moved
+
+
+def abandoned_folder(ckpt_dir: Path) -> Path:
+    """checkpoints/abandoned-YYYYmmdd-HHMMSS (with -N when that exists already)."""
+    stem = ckpt_dir / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder, n = stem, 1
+    while folder.exists():
+        n += 1
+        folder = stem.with_name(f"{stem.name}-{n}")
+    return folder
+
+
+def later_weights(run_dir: Path, step: int) -> list[Path]:
+    """The run's weights*.safetensors exported after `step` (their metadata names the step)."""
+    from safetensors import safe_open
+
+    found = []
+    for path in sorted(run_dir.glob("weights*.safetensors")):
+        try:
+            with safe_open(str(path), "pt") as f:
+                saved = int((f.metadata() or {}).get("step", -1))
+        except (OSError, ValueError, RuntimeError):
+            continue
+        if saved > step:
+            found.append(path)
+    return found
+
+
+def _get(tree: dict, key: str):
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return KeyError
+        tree = tree[part]
+    return tree
+
+
+def config_changes(saved: dict, cfg: Config) -> list[str]:
+    """`key: old -> new` for each objective, model or image-shape key that differs from the checkpoint's config
+    (keys the checkpoint does not record are not compared)."""
+    new = cfg.to_dict()
+    keys = [*OBJECTIVE_KEYS, *(f"model.{k}" for k in new["model"] if k != "init_from")]
+    if cfg.autoencoder.kind != "none":
+        keys += [f"autoencoder.{k}" for k in AUTOENCODER_KEYS]
+    changes = []
+    for key in keys:
+        old = _get(saved, key)
+        if old is not KeyError and old != _get(new, key):
+            changes.append(f"{key}: {old} -> {_get(new, key)}")
+    return changes
+
+
+def trim_metrics(run_dir: Path, step: int) -> int:
+    """Drop the metrics.jsonl lines of steps after `step` and any line cut short; returns how many went."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if line.endswith("\n") and isinstance(row, dict) and int(row.get("step", 0)) <= step:
+            kept.append(line)
+    if len(kept) < len(lines):
+        atomic_write(path, lambda f: f.write("".join(kept).encode()), what="metrics")
+    return len(lines) - len(kept)
+
+
+def find_checkpoint(ckpt_dir: Path, mode: str) -> tuple[tuple[Path, dict] | None, list[Path]]:
+    """((path, state) that train.resume=`mode` resumes from, or None; the unreadable checkpoint files)."""
+    if mode == "none":
+        return None, []
+    skipped: list[Path] = []
+    found = newest_valid_checkpoint(ckpt_dir, skipped) if mode == "auto" else (Path(mode), load_checkpoint(Path(mode)))
+    resumed = found[0] if found else None
+    unreadable = skipped + [p for p in list_checkpoints(ckpt_dir)
+                            if p not in skipped and p != resumed and not looks_complete(p)]
+    return found, unreadable
+
+
+def check_config_change(path: Path, state: dict, cfg: Config) -> None:
+    """Refuse to resume `state` with a changed objective, model or image shape (unless train.allow_config_change)."""
+    changes = config_changes(state["config"], cfg)
+    if changes and not cfg.train.allow_config_change:
+        raise ConfigError(f"'{path}' was trained with another objective or model; this config changes "
+                          + "; ".join(changes) + ". Set train.allow_config_change=true to resume it anyway "
+                          "(e.g. to fine-tune), or train into another run_dir")
+    if changes:
+        warnings.warn(f"resuming '{path}' with {'; '.join(changes)} (train.allow_config_change=true)")
+
+
+def tidy_for_resume(run_dir: Path, step: int, unreadable: list[Path]) -> None:
+    """Move the unreadable checkpoints and those after `step` (with the weights exported after it) aside;
+    trim metrics.jsonl to `step`. Rank 0 only."""
+    ckpt_dir = run_dir / "checkpoints"
+    if unreadable:
+        set_aside(unreadable, ckpt_dir / UNREADABLE)
+        warnings.warn(f"moved the unreadable checkpoint(s) {', '.join(p.name for p in unreadable)} to "
+                      f"'{ckpt_dir / UNREADABLE}'")
+    later = [p for p in list_checkpoints(ckpt_dir) if checkpoint_step(p) > step]
+    if later:
+        folder = abandoned_folder(ckpt_dir)
+        set_aside(later + later_weights(run_dir, step), folder)
+        print(f"difftrain: resuming at step {step}: moved the {len(later)} later checkpoint(s) "
+              f"({later[0].name} .. {later[-1].name}) and their weights aside to '{folder}'; the run, "
+              f"`difftrain sample` and the next resume no longer use them", file=sys.stderr)
+    trim_metrics(run_dir, step)
