@@ -158,8 +158,9 @@ def measure(row: str, tmp: Path, rounds: int, seconds: float, warmup: int) -> di
         v["mfu"] = v["gflops_per_s"] / peak
         v["rounds_s"] = times[name]
     return {"row": row, "recipe": recipe, "peer": PEER_NAMES[peer_kind], "batch_size": batch,
-            "image_size": ours.cfg.model.image_size, "channels": ours.cfg.model.in_channels, "overrides": extra, "peak_gflops": peak, "peaks": peaks,
-            "sides": info, "ratio": info["difftrain"]["images_per_s"] / info["diffusers"]["images_per_s"]}
+            "image_size": ours.cfg.model.image_size, "channels": ours.cfg.model.in_channels, "overrides": extra,
+            "peak_gflops": peak, "peaks": peaks, "sides": info,
+            "ratio": info["difftrain"]["images_per_s"] / info["diffusers"]["images_per_s"]}
 
 
 def main() -> None:
