@@ -12,13 +12,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import run_cli
 from difftrain.config import load_config
 from difftrain.report import ReportError, write_comparison, write_report
-from difftrain.report.rundata import load_run, read_metrics_file
 from difftrain.report.run_info import collect_run_info, write_run_info
-
-SCREENSHOT = Path(__file__).resolve().parents[1] / "bench" / "results" / "report-screenshot.png"
+from difftrain.report.rundata import load_run, read_metrics_file
+from tests.conftest import run_cli
 
 
 def write_png(path: Path, seed: int, size: int = 40) -> None:

@@ -109,6 +109,8 @@ def hardware(run: RunData) -> list[tuple[str, str]]:
               ("device_count", "devices on the machine"), ("cuda", "CUDA"), ("cpu", "CPU"),
               ("cpu_count", "CPU cores"), ("threads", "torch threads"), ("world_size", "world size"),
               ("torch", "torch"), ("python", "Python"), ("difftrain", "difftrain"), ("platform", "platform")]
+    if info.get("device_name") == info.get("cpu"):  # trained on the CPU: one line names it
+        labels = [(k, label) for k, label in labels if k not in ("device_name", "device_count")]
     return [(label, fmt_number(info[key])) for key, label in labels if info.get(key) not in (None, "")]
 
 
