@@ -38,7 +38,7 @@ def test_frechet_closed_forms():
 
 def test_classifier_accuracy_and_cache(eval_cache, splits):
     model, acc, path = D.load_classifier(8, folder=eval_cache)
-    assert path.exists() and path.parent == eval_cache and "v%d" % D.VERSION in path.name
+    assert path.exists() and path.parent == eval_cache and f"v{D.VERSION}" in path.name
     assert acc >= 0.95
     assert D.accuracy(model, splits.test.images, splits.test.labels) == pytest.approx(acc)
     state = torch.load(path, weights_only=True)

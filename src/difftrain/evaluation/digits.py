@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from difftrain.evaluation import classifier
 from difftrain.evaluation.classifier import (  # noqa: F401  (re-exported: the digits metric's public names)
     FORMAT, NEAR_COPY_PERCENTILE, VERSION, SmallCNN, accuracy, classifier_metrics, digits_reference,
-    format_classifier_report, load_classifier as load_reference_classifier, to_reference_images,
+    format_classifier_report, to_reference_images,
 )
 
 DigitClassifier = SmallCNN
@@ -28,7 +29,7 @@ def load_classifier(image_size: int = 8, *, folder: str | Path | None = None) ->
 
     Returns (classifier, its test-split accuracy, cache file).
     """
-    clf = load_reference_classifier(digits_reference(image_size), folder=folder)
+    clf = classifier.load_classifier(digits_reference(image_size), folder=folder)
     return clf.model, clf.test_accuracy, clf.path
 
 
