@@ -59,12 +59,13 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    process: str = "ddpm"  # ddpm | flow
+    process: str = "ddpm"  # ddpm | flow | edm
     timesteps: int = 1000  # flow: the model sees t = sigma * timesteps (diffusers' num_train_timesteps)
     schedule: str = "linear"  # linear | sqrt_linear | cosine
     beta_start: float = 1e-4
     beta_end: float = 0.02
     prediction: str = "eps"  # eps | x0 | v
+    zero_terminal_snr: bool = False  # ddpm: betas rescaled to alpha_bar_T = 0 (Lin et al. 2024); needs prediction v or x0
     # improved DDPM / guided-diffusion: the model also outputs the variance interpolation (2 x channels),
     # trained by L_simple + vlb_weight * timesteps * L_vlb (mean under stop-gradient).
     learn_sigma: bool = False
@@ -75,7 +76,17 @@ class DiffusionConfig:
     logit_std: float = 1.0
     mode_scale: float = 1.29
     shift: float = 1.0  # sigma -> shift * sigma / (1 + (shift - 1) * sigma), in training and sampling
-    loss_weighting: str = "none"  # none | sigma_sqrt | cosmap
+    loss_weighting: str = "none"  # flow: none | sigma_sqrt | cosmap; ddpm: none | min_snr (Hang et al. 2023)
+    snr_gamma: float = 5.0  # min_snr: the loss weight is min(SNR, gamma) in x0 space
+    offset_noise: float = 0.0  # training noise += offset_noise * N(0, 1) per image and channel (Guttenberg 2023)
+    # edm (Karras et al. 2022): data std of the preconditioning, training ln(sigma) ~ N(p_mean, p_std^2),
+    # sampling sigmas from sigma_max to sigma_min spaced by rho; the model sees t = timesteps (ln(sigma) / 16 + 1 / 2)
+    sigma_data: float = 0.5
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
 
 
 @dataclass
@@ -104,6 +115,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     steps: int = 1000
+    budget: str = ""  # replaces steps: wall time (30s, 10m, 2h; lr decay ends there) or images (2M_images); "": off
     batch_size: int = 128
     microbatch: int = 0  # > 0: split each batch into micro-batches of this size, accumulating gradients
     lr: float = 2e-3
@@ -119,9 +131,13 @@ class TrainConfig:
     ema_rate: float | None = None  # deprecated single rate: same as ema_rates=[ema_rate]
     ema_warmup: bool = True  # decay min(rate, (1 + n) / (10 + n)) as in LDM
     ema_start: int = 0  # before this step the EMAs copy the weights (conditional-DDPM reference: 2000)
+    # post-hoc EMA (EDM2, Karras et al. 2024): power-function EMAs of these widths sigma_rel, e.g. [0.05, 0.1];
+    # snapshots every ema_snapshot_every steps (0: train.steps // 20) in RUN/ema-snapshots/ for `difftrain ema`
+    posthoc_ema: list[float] = field(default_factory=list)
+    ema_snapshot_every: int = 0
     timestep_sampler: str = "uniform"  # uniform | loss-second-moment (guided-diffusion's schedule_sampler)
     label_dropout: float = 0.1  # fraction of labels replaced by the null class
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (CUDA only; fp16 uses a dynamic loss scaler)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: a dynamic loss scaler; on a CPU only with train.device=cpu, slow)
     compile: bool = False  # torch.compile the model for training
     channels_last: bool = False  # channels-last memory format (convolutional models)
     max_nonfinite: int = 10  # stop after this many non-finite losses in a row
@@ -130,6 +146,13 @@ class TrainConfig:
     checkpoint_every: int = 500
     milestone_every: int = 0  # checkpoints at multiples of this are never pruned; 0: none
     sample_every: int = 500  # 0 disables grids during training (the final grid is always written)
+    # sample quality during training (training/evaluate.py): every N steps and at the end, score
+    # eval_samples samples of the default EMA (classifier metric where the data set has one; FID/KID with
+    # torch-fidelity and its Inception weights on disk); the best keeps checkpoints/best.pt. 0: off
+    eval_every: int = 0
+    eval_samples: int = 500
+    eval_sampler: str = ""  # "": sample.sampler
+    eval_steps: int = 0  # 0: sample.steps
     keep_checkpoints: int = 3
     resume: str = "auto"  # auto | none | path to a checkpoint
     allow_config_change: bool = False  # resume even when diffusion, model or image-shape keys differ from the checkpoint's

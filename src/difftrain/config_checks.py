@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import types
 import typing
 from typing import Any, Callable, Union
@@ -124,6 +125,39 @@ def _rates(v: Any) -> bool:
     return isinstance(v, list) and bool(v) and all(UNIT[0](x) for x in v) and len(set(v)) == len(v)
 
 
+BUDGET_TEXT = "a time like 30s, 10m, 2h or an image count like 2M_images"
+_TIME = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(s|m|min|h|)")  # 90 (seconds), 30s, 10m, 1.5h
+_IMAGES = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([kKmM]?)_images")  # 60000_images, 500k_images, 2M_images
+_SECONDS = {"": 1, "s": 1, "m": 60, "min": 60, "h": 3600}
+_THOUSANDS = {"": 1, "k": 10**3, "m": 10**6}
+
+
+def parse_budget(text: str) -> tuple[str, float]:
+    """train.budget as ("seconds", s), ("images", n) or ("", 0) when empty (off); ConfigError otherwise."""
+    text = text.strip()
+    if not text:
+        return "", 0
+    if (m := _TIME.fullmatch(text)) and float(m[1]) * _SECONDS[m[2]] > 0:
+        return "seconds", float(m[1]) * _SECONDS[m[2]]
+    if m := _IMAGES.fullmatch(text):
+        images = float(m[1]) * _THOUSANDS[m[2].lower()]
+        if images >= 1 and images.is_integer():
+            return "images", int(images)
+    raise ConfigError(f"train.budget: must be {BUDGET_TEXT}, got '{text}'")
+
+
+def _budget(v: Any) -> bool:
+    try:
+        parse_budget(v)
+    except (ConfigError, AttributeError):
+        return False
+    return True
+
+
+def _widths(v: Any) -> bool:  # post-hoc EMA widths: below 1/sqrt(12), the width of a uniform average
+    return isinstance(v, list) and all(_real(x) and 0 < x < 0.2886 for x in v) and len(set(v)) == len(v)
+
+
 COUNT = integer(1)
 OFF_OR_COUNT = integer(0, note=" (0: off)")
 SEED = integer(0, MAX_SEED)
@@ -160,6 +194,14 @@ RULES: dict[str, Rule] = {
     "diffusion.logit_std": number(0, lo_open=True),
     "diffusion.mode_scale": number(),
     "diffusion.shift": number(0, lo_open=True),
+    "diffusion.snr_gamma": number(0, lo_open=True),
+    "diffusion.offset_noise": number(0),
+    "diffusion.sigma_data": number(0, lo_open=True),
+    "diffusion.p_mean": number(),
+    "diffusion.p_std": number(0, lo_open=True),
+    "diffusion.sigma_min": number(0, lo_open=True),
+    "diffusion.sigma_max": number(0, lo_open=True),
+    "diffusion.rho": number(0, lo_open=True),
     # data
     "data.image_size": SIDE,
     "data.channels": (lambda v: v in (None, 1, 3) and not isinstance(v, bool), "1, 3 or null (the data set's own)"),
@@ -172,6 +214,7 @@ RULES: dict[str, Rule] = {
     "data.std": number(0, lo_open=True, null=True),
     # train
     "train.steps": COUNT,
+    "train.budget": (_budget, BUDGET_TEXT + ", or empty (off: train.steps)"),
     "train.batch_size": COUNT,
     "train.microbatch": integer(0, note=" (0: the whole batch)"),
     "train.lr": number(0, lo_open=True),
@@ -184,6 +227,8 @@ RULES: dict[str, Rule] = {
     "train.ema_rates": (_rates, "a non-empty list of distinct rates in [0, 1), e.g. [0.9999, 0.999]"),
     "train.ema_rate": number(0, 1, hi_open=True, null=True),
     "train.ema_start": integer(0),
+    "train.posthoc_ema": (_widths, "a list of distinct widths sigma_rel in (0, 0.2886), e.g. [0.05, 0.1] ([]: off)"),
+    "train.ema_snapshot_every": integer(0, note=" (0: train.steps // 20)"),
     "train.label_dropout": UNIT,
     "train.max_nonfinite": COUNT,
     "train.log_every": COUNT,
@@ -191,6 +236,9 @@ RULES: dict[str, Rule] = {
     "train.checkpoint_every": OFF_OR_COUNT,
     "train.milestone_every": OFF_OR_COUNT,
     "train.sample_every": OFF_OR_COUNT,
+    "train.eval_every": OFF_OR_COUNT,
+    "train.eval_samples": integer(2),
+    "train.eval_steps": integer(0, note=" (0: sample.steps)"),
     "train.keep_checkpoints": COUNT,
     "train.devices": COUNT,
     # sample
@@ -231,12 +279,12 @@ CHECKED_WHERE_USED = frozenset({
     "model.name", "model.init_from", "model.use_scale_shift_norm", "model.resblock_updown", "model.class_embed", "model.pos_embed",
     "model.qk_norm",
     "diffusion.process", "diffusion.schedule", "diffusion.prediction", "diffusion.learn_sigma",
-    "diffusion.timestep_sampling", "diffusion.loss_weighting",
+    "diffusion.timestep_sampling", "diffusion.loss_weighting", "diffusion.zero_terminal_snr",
     "data.name", "data.path", "data.random_flip", "data.class_from", "data.strict", "data.test_path", "data.download",
     "data.normalize",
     "train.scale_lr", "train.lr_schedule", "train.ema_warmup", "train.timestep_sampler", "train.precision",
     "train.compile", "train.channels_last", "train.resume", "train.device", "train.tensorboard", "train.wandb",
-    "train.progress", "train.allow_config_change",
+    "train.progress", "train.allow_config_change", "train.eval_sampler",
     "sample.sampler", "sample.spacing", "sample.respacing", "sample.variance", "sample.clip_x0",
     "autoencoder.kind", "autoencoder.codebook", "autoencoder.rec_loss", "autoencoder.lpips_required",
     "autoencoder.adaptive_weight",
@@ -263,6 +311,8 @@ def problems(cfg: Any) -> list[str]:
     d = cfg.diffusion
     if _real(d.beta_start) and _real(d.beta_end) and d.beta_start > d.beta_end:
         lines.append(f"diffusion.beta_start: must be <= diffusion.beta_end ({_show(d.beta_end)}), got {_show(d.beta_start)}")
+    if _real(d.sigma_min) and _real(d.sigma_max) and d.sigma_min >= d.sigma_max:
+        lines.append(f"diffusion.sigma_min: must be < diffusion.sigma_max ({_show(d.sigma_max)}), got {_show(d.sigma_min)}")
     return lines
 
 

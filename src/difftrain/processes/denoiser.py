@@ -8,7 +8,10 @@ in both sampling spaces a process offers (its `sampling_space`):
 
 - "ve": x = x0 + sigma eps (k-diffusion, EDM). A VP model, x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps,
   is sampled through x = x_t / sqrt(alpha_bar) at sigma = sqrt((1 - alpha_bar) / alpha_bar)
-  (`GaussianDiffusion.k_denoiser`).
+  (`GaussianDiffusion.k_denoiser`). With zero terminal SNR the first sigma is inf (alpha_bar_T = 0): there
+  the state is carried as x_T itself, the pure noise, the limit of x / sigma, and each sampler takes the
+  limit of its first step (`samplers.ode.eps_of`, `euler_step`). EDM (`processes.edm`) is VE itself:
+  D(x; sigma) is its preconditioned model.
 - "flow": x = (1 - sigma) x0 + sigma eps, rectified flow's own coordinates, where the same ODE is
   dx/dsigma = v (`FlowMatching.k_denoiser`). Its VE view, x / (1 - sigma) at sigma / (1 - sigma), is
   infinite at sigma = 1, where every flow sampling grid starts, so flow models are sampled in place.

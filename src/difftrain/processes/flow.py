@@ -18,6 +18,7 @@ from torch import Tensor
 
 from difftrain.config import ConfigError
 from difftrain.processes.denoiser import Denoiser
+from difftrain.processes.weighting import offset_noise
 
 TIMESTEP_SAMPLINGS = ("logit_normal", "uniform", "mode")
 LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
@@ -92,15 +93,18 @@ class FlowMatching:
     sampling_space = "flow"  # samplers see x_t = (1 - sigma) x0 + sigma eps itself
 
     def __init__(self, timesteps: int = 1000, sampling: str = "logit_normal", *, logit_mean: float = 0.0,
-                 logit_std: float = 1.0, mode_scale: float = 1.29, shift: float = 1.0, weighting: str = "none"):
+                 logit_std: float = 1.0, mode_scale: float = 1.29, shift: float = 1.0, weighting: str = "none",
+                 offset_noise: float = 0.0):
         if sampling not in TIMESTEP_SAMPLINGS:
             raise ConfigError(f"unknown timestep_sampling '{sampling}'; choose from {', '.join(TIMESTEP_SAMPLINGS)}")
         if weighting not in LOSS_WEIGHTINGS:
-            raise ConfigError(f"unknown loss_weighting '{weighting}'; choose from {', '.join(LOSS_WEIGHTINGS)}")
+            raise ConfigError(f"diffusion.loss_weighting '{weighting}' does not apply to process flow; "
+                              f"choose from {', '.join(LOSS_WEIGHTINGS)}")
         if shift <= 0:
             raise ConfigError(f"diffusion.shift must be positive, got {shift}")
         self.timesteps, self.sampling, self.shift, self.weighting = timesteps, sampling, shift, weighting
         self.logit_mean, self.logit_std, self.mode_scale = logit_mean, logit_std, mode_scale
+        self.offset_noise = offset_noise
 
     def model_time(self, sigma: Tensor) -> Tensor:
         """The t the model sees: sigma * timesteps (diffusers / SD3)."""
@@ -111,9 +115,17 @@ class FlowMatching:
         return sample_sigma(n, self.sampling, logit_mean=self.logit_mean, logit_std=self.logit_std,
                             mode_scale=self.mode_scale, shift=self.shift, device=device)
 
+    def t_fraction(self, t: Tensor) -> Tensor:
+        """Where noise levels t lie in [0, 1) (the loss quartiles of the training log): sigma itself."""
+        return t.float()
+
+    def training_noise(self, x0: Tensor) -> Tensor:
+        """The noise of a training batch: N(0, I), plus `offset_noise` per image and channel."""
+        return offset_noise(x0, self.offset_noise)
+
     def loss(self, model: ModelFn, x0: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:
         """Per-sample weighted MSE between v_pred and the target eps - x0, shape (B,)."""
-        eps = torch.randn_like(x0) if noise is None else noise
+        eps = self.training_noise(x0) if noise is None else noise
         s = _bcast(t, x0)
         x_t = (1 - s) * x0 + s * eps
         v = model(x_t, self.model_time(t))

@@ -9,6 +9,7 @@ according to `prediction`. Nothing here knows about network architectures.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -18,9 +19,11 @@ from torch import Tensor
 from difftrain.config import ConfigError
 from difftrain.processes.denoiser import Denoiser
 from difftrain.processes.spacing import sampler_timesteps
+from difftrain.processes.weighting import min_snr_weight, offset_noise
 
 SCHEDULES = ("linear", "sqrt_linear", "cosine")
 PREDICTIONS = ("eps", "x0", "v")
+WEIGHTINGS = ("none", "min_snr")  # diffusion.loss_weighting of this process (Hang et al. 2023)
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -39,6 +42,16 @@ def make_betas(schedule: str, timesteps: int, beta_start: float = 1e-4, beta_end
     raise ConfigError(f"unknown schedule '{schedule}'; choose from {', '.join(SCHEDULES)}")
 
 
+def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """Betas whose last alpha_bar is exactly 0 (SNR 0: x_T is pure noise) and whose first is unchanged:
+    sqrt(alpha_bar) shifted and scaled linearly (Lin et al. 2024, Algorithm 1; diffusers' `rescale_betas_zero_snr`)."""
+    sqrt_ab = torch.cumprod(1 - betas, dim=0).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * (first / (first - last))
+    alpha_bar = sqrt_ab**2
+    return 1 - torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+
+
 @dataclass(frozen=True)
 class Schedule:
     """Betas and their cumulative products, float64 on the CPU; indexed by integer t."""
@@ -51,17 +64,30 @@ class Schedule:
         return cls(betas=betas, alpha_bar=torch.cumprod(1 - betas, dim=0))
 
     @classmethod
-    def make(cls, schedule: str, timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> "Schedule":
-        return cls.from_betas(make_betas(schedule, timesteps, beta_start, beta_end))
+    def make(cls, schedule: str, timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02, *,
+             zero_terminal_snr: bool = False) -> "Schedule":
+        betas = make_betas(schedule, timesteps, beta_start, beta_end)
+        return cls.from_betas(rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas)
 
     @property
     def timesteps(self) -> int:
         return len(self.betas)
 
     @property
+    def zero_terminal_snr(self) -> bool:
+        """alpha_bar_T = 0: the last timestep is pure noise, its VE sigma infinite."""
+        return float(self.alpha_bar[-1]) == 0.0
+
+    @property
     def sigmas(self) -> Tensor:
-        """VE noise levels sigma_t = sqrt((1 - alpha_bar) / alpha_bar), x_t / sqrt(alpha_bar) = x_0 + sigma_t eps."""
+        """VE noise levels sigma_t = sqrt((1 - alpha_bar) / alpha_bar), x_t / sqrt(alpha_bar) = x_0 + sigma_t eps
+        (inf where alpha_bar = 0)."""
         return ((1 - self.alpha_bar) / self.alpha_bar).sqrt()
+
+    def snr(self, t: Tensor, like: Tensor) -> Tensor:
+        """SNR(t) = alpha_bar / (1 - alpha_bar) at integer timesteps t (B,), float32 (B,) on like's device."""
+        a = self.alpha_bar.to(like.device)[t.to(like.device)]
+        return (a / (1 - a)).float()
 
     def sigma_at(self, t: float) -> float:
         """sigma at a model timestep; fractional t interpolates log sigma linearly (diffusers' `_sigma_to_t` inverted)."""
@@ -159,13 +185,14 @@ def k_denoiser(model: ModelFn, s: Schedule, prediction: str = "eps", clip_x0: bo
     `clip_x0`, x0 is clamped to the data range [-1, 1] (guided-diffusion's `clip_denoised`). With
     `learn_sigma` the model outputs 2C channels; the second half is the variance interpolation
     v in [-1, 1] (see `learned_log_variance`). Model outputs are computed in float32 (float64 stays).
+    At sigma = inf (alpha_bar = 0, zero terminal SNR) the state is x_T itself (`processes.denoiser`).
     """
     table = {sigma: t for t, sigma in enumerate(s.sigmas.tolist())}
 
     def denoise(x: Tensor, sigma: float) -> tuple[Tensor, Tensor | None]:
         t = table.get(sigma)
         tt = timestep_tensor(s.t_at(sigma) if t is None else t, x)
-        x_t = x / (1 + sigma**2) ** 0.5
+        x_t = x if math.isinf(sigma) else x / (1 + sigma**2) ** 0.5
         out = model(x_t, tt)
         out = out if out.dtype == torch.float64 else out.float()
         v = None
@@ -244,12 +271,13 @@ def prior_bpd(s: Schedule, x0: Tensor) -> Tensor:
 
 
 def hybrid_loss(model: ModelFn, s: Schedule, x0: Tensor, t: Tensor, noise: Tensor, prediction: str = "eps",
-                vlb_weight: float = 0.001) -> Tensor:
+                vlb_weight: float = 0.001, mse_weight: Tensor | None = None) -> Tensor:
     """L_simple + lambda T L_vlb per sample (Nichol & Dhariwal 2021, section 3.1), shape (B,).
 
     The model outputs 2C channels: the prediction and the variance interpolation v. L_vlb sees
     the mean through a stop-gradient, so it trains only the variance. lambda T = 1 for the
-    default lambda = 0.001 and T = 1000: guided-diffusion's loss with `learn_sigma`.
+    default lambda = 0.001 and T = 1000: guided-diffusion's loss with `learn_sigma`. `mse_weight`
+    (B,) weights L_simple only (Min-SNR, as Hang et al.'s code).
     """
     x_t = q_sample(s, x0, t, noise)
     raw = model(x_t, t).float()
@@ -258,6 +286,7 @@ def hybrid_loss(model: ModelFn, s: Schedule, x0: Tensor, t: Tensor, noise: Tenso
                           f"(model.out_channels={2 * x0.shape[1]}), got {raw.shape[1]}")
     out, v = raw.chunk(2, dim=1)
     mse = (out - training_target(prediction, s, x0, t, noise).float()).pow(2).flatten(1).mean(1)
+    mse = mse if mse_weight is None else mse * mse_weight
     x0_pred, _ = x0_eps_from_output(prediction, s, x_t, t, out.detach())
     vb = vlb_terms(s, x0, x_t, t, x0_pred, model_log_variance(s, t, x0, v))
     return mse + vlb_weight * s.timesteps * vb
@@ -275,11 +304,19 @@ class GaussianDiffusion:
     discrete = True  # integer timesteps 0..T-1
     sampling_space = "ve"  # samplers see x_t / sqrt(alpha_bar) = x0 + sigma eps (processes/denoiser.py)
 
-    def __init__(self, schedule: Schedule, prediction: str = "eps", *, learn_sigma: bool = False, vlb_weight: float = 0.001):
+    def __init__(self, schedule: Schedule, prediction: str = "eps", *, learn_sigma: bool = False, vlb_weight: float = 0.001,
+                 weighting: str = "none", snr_gamma: float = 5.0, offset_noise: float = 0.0):
         if prediction not in PREDICTIONS:
             raise ConfigError(f"unknown prediction '{prediction}'; choose from {', '.join(PREDICTIONS)}")
+        if weighting not in WEIGHTINGS:
+            raise ConfigError(f"diffusion.loss_weighting '{weighting}' does not apply to process ddpm; "
+                              f"choose from {', '.join(WEIGHTINGS)}")
+        if schedule.zero_terminal_snr and prediction == "eps":
+            raise ConfigError("diffusion.zero_terminal_snr needs diffusion.prediction=v (Lin et al. 2024) or x0: at "
+                              "alpha_bar_T = 0 an eps output gives no x0 (x0 = (x_T - eps) / sqrt(alpha_bar_T))")
         self.schedule, self.prediction = schedule, prediction
         self.learn_sigma, self.vlb_weight = learn_sigma, vlb_weight
+        self.weighting, self.snr_gamma, self.offset_noise = weighting, snr_gamma, offset_noise
 
     @property
     def timesteps(self) -> int:
@@ -289,22 +326,39 @@ class GaussianDiffusion:
         """Uniform integer timesteps (B,)."""
         return torch.randint(0, self.timesteps, (n,), device=device)
 
+    def t_fraction(self, t: Tensor) -> Tensor:
+        """Where timesteps t lie in [0, 1) (the loss quartiles of the training log)."""
+        return t.float() * (1 / self.timesteps)
+
+    def training_noise(self, x0: Tensor) -> Tensor:
+        """The noise of a training batch: N(0, I), plus `offset_noise` per image and channel."""
+        return offset_noise(x0, self.offset_noise)
+
     def loss(self, model: ModelFn, x0: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:
-        """Per-sample loss (B,): L_simple, or the hybrid loss with learned variance."""
-        noise = torch.randn_like(x0) if noise is None else noise
+        """Per-sample loss (B,): L_simple, or the hybrid loss with learned variance; with
+        loss_weighting min_snr, L_simple weighted by `min_snr_weight`."""
+        noise = self.training_noise(x0) if noise is None else noise
+        w = min_snr_weight(self.schedule.snr(t, x0), self.snr_gamma, self.prediction) if self.weighting == "min_snr" else None
         if self.learn_sigma:
-            return hybrid_loss(model, self.schedule, x0, t, noise, self.prediction, self.vlb_weight)
-        return training_loss(model, self.schedule, x0, t, noise, self.prediction)
+            return hybrid_loss(model, self.schedule, x0, t, noise, self.prediction, self.vlb_weight, mse_weight=w)
+        mse = training_loss(model, self.schedule, x0, t, noise, self.prediction)
+        return mse if w is None else mse * w
 
     def sampling_sigmas(self, steps: int | None, spacing: str = "trailing", respacing: str = "") -> list[float]:
         """The sigmas a sampler walks, ending at 0: those of `respacing`'s timesteps (guided-diffusion's
         "250", "ddim50", "10,15,20"), of every timestep (steps None), or of `steps` timesteps spaced by
-        `spacing` (karras: Karras et al. 2022 sigmas at fractional timesteps)."""
-        return [self.schedule.sigma_of(t) for t in sampler_timesteps(self.schedule, steps, spacing, respacing)] + [0.0]
+        `spacing` (karras: Karras et al. 2022 sigmas at fractional timesteps). With zero terminal SNR
+        the first is inf where the grid starts at t = T - 1 (trailing, linspace, every timestep)."""
+        ts = sampler_timesteps(self.schedule, steps, spacing, respacing)
+        if self.schedule.zero_terminal_snr and ts[0] != self.timesteps - 1:
+            warnings.warn(f"diffusion.zero_terminal_snr: the sampling grid starts at t = {ts[0]}, not at the pure-noise "
+                          f"t = {self.timesteps - 1}; use sample.spacing=trailing (Lin et al. 2024)", stacklevel=2)
+        return [self.schedule.sigma_of(t) for t in ts] + [0.0]
 
     def initial_state(self, noise: Tensor, sigma: float) -> Tensor:
-        """The VE start at sigma_max from unit noise x_T: x_T / sqrt(alpha_bar_T) = x_T sqrt(1 + sigma^2)."""
-        return noise * (1 + sigma**2) ** 0.5
+        """The VE start at sigma_max from unit noise x_T: x_T / sqrt(alpha_bar_T) = x_T sqrt(1 + sigma^2);
+        at sigma = inf (zero terminal SNR) x_T itself (`processes.denoiser`)."""
+        return noise if math.isinf(sigma) else noise * (1 + sigma**2) ** 0.5
 
     def k_denoiser(self, model: ModelFn, clip_x0: bool = False) -> Denoiser:
         return k_denoiser(model, self.schedule, self.prediction, clip_x0, self.learn_sigma)

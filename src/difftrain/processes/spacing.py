@@ -73,15 +73,24 @@ def respaced_timesteps(num_timesteps: int, respacing: str) -> list[int]:
     return sorted(space_timesteps(num_timesteps, respacing), reverse=True)
 
 
+def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> list[float]:
+    """`steps` noise levels from sigma_max down to sigma_min, evenly spaced in sigma^(1 / rho)
+    (Karras et al. 2022, eq. 5; EDM's and diffusers' `use_karras_sigmas` arithmetic)."""
+    if steps < 1:
+        raise ConfigError(f"sample.steps={steps} must be at least 1")
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    ramp = np.linspace(0, 1, steps)
+    return [float((hi + r * (lo - hi)) ** rho) for r in ramp]
+
+
 def karras_timesteps(schedule: Schedule, steps: int, rho: float = 7.0) -> list[float]:
     """Fractional timesteps of the Karras et al. 2022 (eq. 5) sigmas between the schedule's
     sigma_max and sigma_min, as diffusers' `use_karras_sigmas` (timesteps via `_sigma_to_t`)."""
-    if steps < 1:
-        raise ConfigError(f"sample.steps={steps} must be at least 1")
     sigmas = schedule.sigmas
-    lo, hi = float(sigmas[0]) ** (1 / rho), float(sigmas[-1]) ** (1 / rho)
-    ramp = np.linspace(0, 1, steps)
-    return [schedule.t_at(float((hi + r * (lo - hi)) ** rho)) for r in ramp]
+    if not np.isfinite(float(sigmas[-1])):
+        raise ConfigError("sample.spacing=karras needs a finite sigma_max; with diffusion.zero_terminal_snr the last "
+                          "timestep's sigma is infinite: use sample.spacing=trailing")
+    return [schedule.t_at(s) for s in karras_sigmas(steps, float(sigmas[0]), float(sigmas[-1]), rho)]
 
 
 def sampler_timesteps(schedule: Schedule, steps: int | None, spacing: str = "trailing", respacing: str = "") -> list:

@@ -38,9 +38,10 @@ def sampler_names(process=None) -> list[str]:
 def sampler_spec(process, name: str) -> SamplerSpec:
     """The spec of sampler `name`, or a ConfigError naming the samplers that do apply to `process`."""
     spec = SAMPLERS[name]
-    if not spec.applies_to(process):
+    why = spec.refusal(process)
+    if why:
         raise ConfigError(f"sampler '{name}' does not apply to process '{process.name}'; "
-                          f"choose from {', '.join(sampler_names(process))}")
+                          f"choose from {', '.join(sampler_names(process))} ({why})")
     return spec
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from difftrain.config import ConfigError
-from difftrain.samplers.ode import Noise
+from difftrain.samplers.ode import Noise, eps_of
 from difftrain.samplers.spec import register
 
 VARIANCES = ("small", "large", "learned")
@@ -35,7 +35,7 @@ def sample_ddim(denoiser: Callable, x: Tensor, sigmas: list[float], *, noise: No
         x0 = denoiser(x, sigma)
         sigma_up = eta * sigma_next * (1 - sigma_next**2 / sigma**2) ** 0.5
         sigma_down = max(sigma_next**2 - sigma_up**2, 0.0) ** 0.5
-        x = x0 + sigma_down * ((x - x0) / sigma)
+        x = x0 + sigma_down * eps_of(x, x0, sigma)
         if sigma_up > 0:
             x = x + sigma_up * noise(x)
         if progress is not None:
@@ -59,7 +59,10 @@ def _log_variance(variance: str, sigma: float, sigma_next: float, v: Tensor | No
     the posterior variance beta~ (Ho et al. 2020, eq. 7), large is beta, learned interpolates their
     logs by the model's v (Nichol & Dhariwal 2021, eq. 15)."""
     log_small = math.log(sigma_next**2 * (1 - sigma_next**2 / sigma**2))
-    log_large = math.log((sigma**2 - sigma_next**2) * (1 + sigma_next**2) / (1 + sigma**2))
+    if math.isinf(sigma):  # zero terminal SNR: beta_T = 1, the VE variance 1 / alpha_bar_prev
+        log_large = math.log1p(sigma_next**2)
+    else:
+        log_large = math.log((sigma**2 - sigma_next**2) * (1 + sigma_next**2) / (1 + sigma**2))
     if variance == "learned":
         frac = (v + 1) / 2
         return frac * log_large + (1 - frac) * log_small

@@ -2,7 +2,9 @@
 
 lambda = -log sigma; first order at the first step and at the last, which jumps to x0
 (diffusers' final_sigmas_type="zero"). Each equals diffusers' DPMSolverMultistepScheduler
-(order 2, midpoint; algorithm_type "dpmsolver++" / "sde-dpmsolver++").
+(order 2, midpoint; algorithm_type "dpmsolver++" / "sde-dpmsolver++"). From sigma = inf (zero terminal
+SNR; the state is x_T) the first step is its limit, x0 + sigma_next x_T (ODE) or x0 + sigma_next z (SDE),
+and the second is first order (diffusers instead clips alpha_bar_T to 2^-24).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from difftrain.samplers.ode import Noise
+from difftrain.samplers.ode import Noise, euler_step
 from difftrain.samplers.spec import register
 
 
@@ -29,7 +31,7 @@ def _dpmpp_multistep(denoiser: Callable, x: Tensor, sigmas: list[float], noise: 
             h = math.log(sigma) - math.log(sigma_next)  # lambda_next - lambda
             d = x0 if old_x0 is None else x0 + (x0 - old_x0) * (h / h_last) / 2  # D0 + D1 / 2, r = h_last / h
             if noise is None:
-                x = (sigma_next / sigma) * x - math.expm1(-h) * d
+                x = euler_step(x, x0, sigma, sigma_next) if math.isinf(sigma) else (sigma_next / sigma) * x - math.expm1(-h) * d
             else:
                 x = (sigma_next / sigma * math.exp(-h)) * x - math.expm1(-2 * h) * d
                 x = x + sigma_next * (-math.expm1(-2 * h)) ** 0.5 * noise(x)

@@ -29,7 +29,15 @@ class SamplerSpec:
         return self.calls_per_step * steps - (self.calls_per_step - 1)
 
     def applies_to(self, process) -> bool:
-        return process.sampling_space in self.spaces
+        return not self.refusal(process)
+
+    def refusal(self, process) -> str:
+        """Why this sampler does not apply to `process`, or '' when it does."""
+        if process.sampling_space not in self.spaces:
+            return f"it samples in {' or '.join(self.spaces)} space, process '{process.name}' in {process.sampling_space}"
+        if self.every_timestep and not process.discrete:
+            return f"it walks every training timestep, and process '{process.name}' has continuous noise levels"
+        return ""
 
     def options_for(self, process, options: dict) -> dict:
         """The options this sampler takes on `process`; the others are left out (the CLI passes `--eta`

@@ -78,7 +78,7 @@ class DiffusionTask:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=base_lr(cfg, world.size), betas=tuple(t.betas),
                                      weight_decay=t.weight_decay, fused=device.type in ("cpu", "cuda"))
         self.amp_dtype = PRECISIONS[t.precision]
-        self.scaler = torch.amp.GradScaler("cuda", enabled=t.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
         # DDP averages the gradients over the ranks in backward; EMA, validation, grids and checkpoints use
         # the plain module self.model (the same parameters).
         self.ddp = None
@@ -89,7 +89,6 @@ class DiffusionTask:
         self.forward = torch.compile(trained) if t.compile else trained
         self.window = LossWindow(device)
         self.null_label = cfg.model.num_classes or 0
-        self.t_scale = 1 / self.process.timesteps if getattr(self.process, "discrete", False) else 1.0
 
     # --- one step ------------------------------------------------------------------------
     def step(self, batch: tuple[Tensor, Tensor], lr: float, step: int, stop_requested: bool) -> StepResult:
@@ -128,7 +127,7 @@ class DiffusionTask:
         else:
             y = None
         ts, weights = self.timesteps.sample(n, self.device)
-        noise = torch.randn_like(x0)
+        noise = self.process.training_noise(x0)  # N(0, I), plus diffusion.offset_noise per image and channel
         return x0, y, ts, weights, noise
 
     def my_slice(self, *tensors: Tensor | None) -> list[Tensor | None]:
@@ -185,7 +184,7 @@ class DiffusionTask:
             ema.update(self.model, step)
         unweighted = per_sample if weights is None else per_sample / weights
         self.timesteps.update(ts, unweighted)
-        self.window.add(loss, norm, ts.float() * self.t_scale, per_sample)
+        self.window.add(loss, norm, self.process.t_fraction(ts), per_sample)
 
     # --- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
