@@ -345,3 +345,16 @@ def test_missing_diffusers_says_how_to_install(exported, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers -> ImportError
     with pytest.raises(ConfigError, match=r"pip install 'difftrain\[diffusers\]'"):
         export_run(exported["unet"][0], tmp_path / "out")
+
+
+def test_zero_terminal_snr_exports_rescaled_scheduler_or_names_the_sampler():
+    """diffusers rescales with rescale_betas_zero_snr; Heun cannot, and the export says which option blocks it."""
+    from difftrain.config import ConfigError, load_config
+    from difftrain.interop.schedulers import scheduler_config
+
+    cfg = load_config("digits", ["diffusion.zero_terminal_snr=true", "diffusion.prediction=v", "sample.sampler=ddim"])
+    name, out = scheduler_config(cfg)
+    assert name == "DDIMScheduler" and out["rescale_betas_zero_snr"] is True
+    cfg.sample.sampler = "heun"
+    with pytest.raises(ConfigError, match="zero_terminal_snr"):
+        scheduler_config(cfg)

@@ -22,6 +22,7 @@ SCHEDULERS = {  # sample.sampler -> diffusers scheduler class, per process
     "flow": {"euler": "FlowMatchEulerDiscreteScheduler", "heun": "FlowMatchHeunDiscreteScheduler"},
 }
 VARIANCE_TYPES = {"small": "fixed_small", "large": "fixed_large", "learned": "learned_range"}
+ZERO_SNR_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler")
 DPM_ALGORITHMS = {"dpmpp-2m": "dpmsolver++", "dpmpp-2m-sde": "sde-dpmsolver++"}
 
 
@@ -42,6 +43,11 @@ def scheduler_config(cfg: Config) -> tuple[str, dict]:
     out = dict(num_train_timesteps=d.timesteps, beta_schedule=BETA_SCHEDULES[d.schedule], beta_start=d.beta_start,
                beta_end=d.beta_end, prediction_type=PREDICTION_TYPES[d.prediction],
                timestep_spacing=s.spacing if s.spacing != "karras" else "linspace")
+    if d.zero_terminal_snr:  # Lin et al. 2024: diffusers rescales the same way (rescale_betas_zero_snr)
+        if name not in ZERO_SNR_SCHEDULERS:
+            raise ConfigError(f"diffusion.zero_terminal_snr with sample.sampler={s.sampler}: diffusers' {name} cannot "
+                              f"rescale to zero terminal SNR; export with sample.sampler=ddim or ddpm")
+        out.update(rescale_betas_zero_snr=True)
     karras = s.spacing == "karras"
     if name == "DDPMScheduler":
         variance = s.variance if s.variance != "auto" else "learned" if d.learn_sigma else "small"

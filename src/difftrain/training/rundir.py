@@ -8,6 +8,9 @@
 - `config_changes`: the keys whose change makes a checkpoint mean something else (objective, model,
   image shape); resuming with any of them changed is refused unless train.allow_config_change.
 - `trim_metrics`: metrics.jsonl without the lines after the resumed step (and any cut-short line).
+- `read_best`: `checkpoints/best.json`, the step and score of `checkpoints/best.pt` (train.eval_every keeps the
+  best-scoring checkpoint there; pruning never touches it: it is not a step-NNNNNNN.pt).
+- `write_report_page`: RUN_DIR/report.html at the end of a run (a failure only warns).
 """
 
 from __future__ import annotations
@@ -33,11 +36,13 @@ from difftrain.config import Config, ConfigError
 
 LOCK_FILE = ".lock"
 UNREADABLE = "unreadable"
+BEST_CHECKPOINT, BEST_RECORD = "best.pt", "best.json"
 
 # Keys that change what a checkpoint's weights mean; every other key (steps, lr, intervals, device,
 # logging, sampling, ...) may change on resume. Model keys: all but model.init_from.
 OBJECTIVE_KEYS = ("diffusion.process", "diffusion.prediction", "diffusion.schedule", "diffusion.timesteps",
                   "diffusion.beta_start", "diffusion.beta_end", "diffusion.learn_sigma", "diffusion.shift",
+                  "diffusion.zero_terminal_snr", "diffusion.sigma_data",
                   "data.image_size", "data.channels")
 AUTOENCODER_KEYS = ("kind", "ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "embed_dim",
                     "resolution", "n_embed", "codebook")
@@ -206,8 +211,38 @@ def tidy_for_resume(run_dir: Path, step: int, unreadable: list[Path]) -> None:
     later = [p for p in list_checkpoints(ckpt_dir) if checkpoint_step(p) > step]
     if later:
         folder = abandoned_folder(ckpt_dir)
-        set_aside(later + later_weights(run_dir, step), folder)
+        set_aside(later + later_weights(run_dir, step) + later_best(ckpt_dir, step), folder)
         print(f"difftrain: resuming at step {step}: moved the {len(later)} later checkpoint(s) "
               f"({later[0].name} .. {later[-1].name}) and their weights aside to '{folder}'; the run, "
               f"`difftrain sample` and the next resume no longer use them", file=sys.stderr)
     trim_metrics(run_dir, step)
+
+
+def read_best(ckpt_dir: Path) -> dict | None:
+    """checkpoints/best.json: {"step", "key", "value"} of checkpoints/best.pt; None when absent or unreadable."""
+    try:
+        record = json.loads((Path(ckpt_dir) / BEST_RECORD).read_text())
+        return record if isinstance(record, dict) and {"step", "key", "value"} <= set(record) else None
+    except (OSError, ValueError):
+        return None
+
+
+def later_best(ckpt_dir: Path, step: int) -> list[Path]:
+    """best.pt and best.json when the best checkpoint is of a step after `step` (another trajectory)."""
+    best = read_best(ckpt_dir)
+    if best is None or int(best["step"]) <= step:
+        return []
+    return [p for p in (Path(ckpt_dir) / BEST_CHECKPOINT, Path(ckpt_dir) / BEST_RECORD) if p.exists()]
+
+
+def write_report_page(run_dir: Path) -> str:
+    """Write RUN_DIR/report.html; returns its path, or why it was not written (after a warning): a report
+    that cannot be made never fails the run it reports on."""
+    from difftrain.report import write_report
+
+    try:
+        return str(write_report(run_dir))
+    except Exception as e:  # noqa: BLE001 (any failure: the run itself is complete)
+        reason = f"{type(e).__name__}: {e}".splitlines()[0]
+        warnings.warn(f"could not write the report page of '{run_dir}': {reason}; retry with `difftrain report {run_dir}`")
+        return f"not written ({reason})"
