@@ -222,6 +222,37 @@ def export_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dic
     atomic_write(path, lambda f: f.write(data), what="weights")
 
 
+def weights_file(run_dir: Path, weights: str) -> Path | None:
+    """The safetensors file that `weights` names, or None (weights inside the checkpoint): "phema-SIGMA" is
+    RUN/weights-phema-SIGMA.safetensors (a post-hoc EMA from `difftrain ema`), a path ending .safetensors that file."""
+    if weights.endswith(".safetensors"):
+        return Path(weights)
+    if not weights.startswith("phema-"):
+        return None
+    try:
+        sigma = float(weights.removeprefix("phema-"))
+    except ValueError:
+        raise CheckpointError(f"unknown weights '{weights}': name a post-hoc EMA as phema-SIGMA, e.g. phema-0.1") from None
+    return Path(run_dir) / f"weights-phema-{sigma!r}.safetensors"
+
+
+def load_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a safetensors weights file; a clear error when it is missing or unreadable."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        hint = (f"; reconstruct it with `difftrain ema {path.parent} --sigma-rel "
+                f"{path.name.removeprefix('weights-phema-').removesuffix('.safetensors')}`"
+                if path.name.startswith("weights-phema-") else "")
+        raise CheckpointError(f"weights file '{path}' does not exist{hint}")
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"'{path}' is not a readable safetensors file: {e}") from None
+
+
 def select_weights(state: dict[str, Any], weights: str, source: str) -> dict[str, torch.Tensor]:
     """The state dict named by `weights`: "ema" (the default EMA), "raw", or an EMA rate such as "0.9999"."""
     if weights == "raw":

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from difftrain.cli_ema import add_ema_command
 from difftrain.config import ConfigError, load_config, recipe_names, recipe_text
 from difftrain.config_checks import (
     COUNT_OPTION, FONT_SIZE_OPTION, NONNEGATIVE_OPTION, NUMBER_OPTION, OFF_OR_COUNT_OPTION, PER_CLASS_OPTION, SEED_OPTION,
@@ -406,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_commands(sub)
     _add_eval_command(sub)
     _add_report_command(sub)
+    add_ema_command(sub)
     return p
 
 

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from difftrain.checkpoint import (
-    CheckpointError, atomic_write, load_checkpoint, load_model_state, newest_valid_checkpoint, select_weights,
+    CheckpointError, atomic_write, load_checkpoint, load_model_state, load_weights_file, newest_valid_checkpoint,
+    select_weights, weights_file,
 )
 from difftrain.config import Config, ConfigError, config_from_dict
 from difftrain.data.images import to_pil, to_pil_images
@@ -43,7 +44,8 @@ class LoadedRun:
 def load_run(path: str | Path, *, weights: str = "ema", device: str | torch.device = "cpu") -> LoadedRun:
     """Model and config from a run directory (its newest valid checkpoint) or a checkpoint file.
 
-    `weights` is "ema" (the first EMA rate, the default for sampling), "raw", or an EMA rate ("0.9999").
+    `weights` is "ema" (the first EMA rate, the default for sampling), "raw", an EMA rate ("0.9999"), a post-hoc
+    EMA written by `difftrain ema` ("phema-0.1": RUN/weights-phema-0.1.safetensors) or a .safetensors file.
     """
     path = Path(path)
     if path.is_dir():
@@ -58,9 +60,20 @@ def load_run(path: str | Path, *, weights: str = "ema", device: str | torch.devi
         raise ConfigError(f"'{path}' is an autoencoder run (autoencoder.kind={cfg.autoencoder.kind}): it reconstructs, "
                           f"it does not sample; name it as latent.first_stage of a latent diffusion recipe")
     model = build_model(cfg.model)
-    load_model_state(model, select_weights(state, weights, str(source)), str(source))
+    step, file = int(state["step"]), weights_file(path if path.is_dir() else _run_dir_of(path), weights)
+    if file is not None:  # post-hoc EMA (phema-SIGMA) or a safetensors file: the checkpoint gives the config
+        tensors, meta = load_weights_file(file)
+        source, step = file, int(meta["step"]) if meta.get("step", "").isdigit() else step
+    else:
+        tensors = select_weights(state, weights, str(source))
+    load_model_state(model, tensors, str(source))
     model.to(resolve_device(str(device)) if isinstance(device, str) else device).eval()
-    return LoadedRun(cfg, model, int(state["step"]), list(state.get("class_names", [])), source)
+    return LoadedRun(cfg, model, step, list(state.get("class_names", [])), source)
+
+
+def _run_dir_of(checkpoint: Path) -> Path:
+    """The run directory of RUN/checkpoints/step-NNNNNNN.pt (or the checkpoint's folder)."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
 
 
 def cycled_labels(n: int, num_classes: int, classes: list[int] | None = None) -> Tensor | None:

@@ -13,6 +13,7 @@ Run directory layout (see docs/architecture.md):
     weights-ema.safetensors       final weights of the first EMA rate (weights-ema-RATE.safetensors: the others)
     metrics.jsonl                 one JSON object per log line
     samples/                      EMA and raw grids during training, final.png and final-raw.png
+    ema-snapshots/                post-hoc EMA snapshots (train.posthoc_ema; training/phema.py)
     tensorboard/                  TensorBoard event files
 """
 
@@ -43,6 +44,7 @@ from difftrain.training import distributed
 from difftrain.training.ema import ema_label
 from difftrain.training.metrics import MetricsLog
 from difftrain.training.options import check_train_config
+from difftrain.training.phema import posthoc_ema, set_aside_later_snapshots
 from difftrain.training.rundir import RunLock, check_config_change, find_checkpoint, tidy_for_resume
 from difftrain.training.schedules import base_lr, lr_at
 from difftrain.training.state import StopSignals, rng_state, seed_everything, set_rng_state
@@ -69,6 +71,8 @@ class Engine:
         self.world, self.device = distributed.setup(device)
         seed_everything(cfg.train.seed)
         self.task = task_class(cfg, self.world, self.device)
+        # train.posthoc_ema: power EMAs of task.model, on rank 0 (it alone writes their snapshots)
+        self.phema = posthoc_ema(self.task.model, cfg.train, cfg.to_yaml()) if self.world.main else None
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         # Every rank reads the same global batch (batch_size x world size); the task trains on its own slice.
@@ -89,12 +93,16 @@ class Engine:
             "log_window": self.task.window.state_dict(), "class_names": self.task.data.train.class_names,
             "world_size": self.world.size,
         }
+        if self.phema is not None:
+            state["posthoc_ema"] = self.phema.state_dict()
         if self.world.active:  # every rank's RNG states, in rank order (a collective: all ranks call state_dict)
             state["rng_ranks"] = distributed.gather_objects(self.world, state["rng"])
         return state
 
     def load_state_dict(self, state: dict, source: str) -> None:
         self.task.load_state_dict(state, source)
+        if self.phema is not None:
+            self.phema.load_state_dict(state.get("posthoc_ema"), int(state["step"]), source)
         self.stream.load_state_dict(state["data"])
         saved_world, ranks = int(state.get("world_size", 1)), state.get("rng_ranks")
         if saved_world == self.world.size and ranks:
@@ -148,6 +156,7 @@ class Engine:
         distributed.barrier(world)  # every rank has read it: rank 0 may move files
         if world.main:
             tidy_for_resume(self.run_dir, int(found[1]["step"]) if found else 0, unreadable)
+            set_aside_later_snapshots(self.run_dir, int(found[1]["step"]) if found else 0)
         distributed.barrier(world)
         if found is not None:
             self.load_state_dict(found[1], str(found[0]))
@@ -210,6 +219,8 @@ class Engine:
         while self.step < t.steps:
             result = self.train_step(lr_at(self.step, cfg, world.size))
             self.step += 1
+            if self.phema is not None:  # a skipped step too: its weights are the previous step's
+                self.phema.update(self.task.model, self.step)
             bar.update(1)
             self.count_nonfinite(result)
             if self.step % t.log_every == 0 or self.step == t.steps:
@@ -254,6 +265,8 @@ class Engine:
             log.log(step, **self.task.validate(step))
         if t.sample_every and step % t.sample_every == 0 and log is not None:
             self.write_grids(f"step-{step:07d}", log)
+        if self.phema is not None and self.phema.due(step):
+            self.phema.snapshot(self.run_dir, step)
         if stopping or (t.checkpoint_every and step % t.checkpoint_every == 0):
             self.save()
 
@@ -266,6 +279,8 @@ class Engine:
             atomic_write(self.run_dir / "config.yaml", lambda f: f.write(cfg.to_yaml().encode()), what="config")
             log = MetricsLog(self.run_dir, cfg.train.tensorboard, cfg.train.wandb, cfg.to_dict())
         distributed.print_main(world, self.task.summary(self.run_dir))
+        if self.phema is not None:
+            print(self.phema.describe(self.run_dir, cfg.train.steps), file=sys.stderr)
         if world.active:
             distributed.print_main(world, distributed.describe(world, cfg.train.batch_size, cfg.train.microbatch))
         return log
@@ -301,6 +316,8 @@ class Engine:
             distributed.barrier(self.world)  # until rank 0 has exported the weights and drawn the grids
             return self.run_dir
         grid = self.write_grids("final", log)
+        if self.phema is not None:
+            self.phema.snapshot(self.run_dir, self.step)
         self.export_weights()
         d = self.run_dir
         print(f"difftrain: trained {self.step} steps. Files in {d}/:\n"
