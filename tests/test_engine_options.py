@@ -176,9 +176,12 @@ def test_quartile_and_validation_logs_leave_training_unchanged(tmp_path):
 
 # --- precision, compile, channels-last ------------------------------------------------------
 
-def test_mixed_precision_is_refused_on_cpu_with_a_clear_message(tmp_path):
-    with pytest.raises(ConfigError, match="runs on CUDA only.*use train.precision=fp32"):
+def test_mixed_precision_on_the_cpu_runs_only_when_asked_for_with_a_warning(tmp_path, monkeypatch):
+    with pytest.warns(UserWarning, match="train.precision=bf16 on the CPU.*slower"):
         make_trainer(tmp_path, "train.precision=bf16", "train.device=cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # train.device=auto finds no CUDA
+    with pytest.raises(ConfigError, match="meant for CUDA.*add train.precision=fp32"):
+        make_trainer(tmp_path, "train.precision=fp16")
     with pytest.raises(ConfigError, match="choose from fp32, bf16, fp16"):
         make_trainer(tmp_path, "train.precision=fp8", "train.device=cpu")
 

@@ -54,6 +54,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides)
     if args.dry_run:
         print(cfg.to_yaml(), end="")
+        if cfg.train.budget:  # a YAML comment: the output stays a valid config
+            from difftrain.training.budget import describe
+
+            print(f"# {describe(cfg)}")
         return 0
     from difftrain.training import distributed, train
 

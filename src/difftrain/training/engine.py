@@ -39,14 +39,14 @@ from difftrain.checkpoint import (
 )
 from difftrain.config import Config, ConfigError
 from difftrain.data import BatchStream
-from difftrain.runtime import resolve_device
 from difftrain.training import distributed
+from difftrain.training.budget import Budget
 from difftrain.training.ema import ema_label
 from difftrain.training.metrics import MetricsLog
-from difftrain.training.options import check_train_config
+from difftrain.training.options import check_train_config, train_device
 from difftrain.training.phema import posthoc_ema, set_aside_later_snapshots
 from difftrain.training.rundir import RunLock, check_config_change, find_checkpoint, tidy_for_resume
-from difftrain.training.schedules import base_lr, lr_at
+from difftrain.training.schedules import base_lr
 from difftrain.training.state import StopSignals, rng_state, seed_everything, set_rng_state
 from difftrain.training.tasks import TASKS, StepResult, task_for
 
@@ -65,10 +65,11 @@ class Engine:
         if not task_class.distributed and distributed.world_from_env().active:
             raise ConfigError(f"the {name} task trains in one process for now; launch it without torchrun and with "
                               f"train.devices=1")
-        device = resolve_device(cfg.train.device)
+        device = train_device(cfg.train)
         check_train_config(cfg.train, device)
         # Under torchrun: join the process group; a CUDA rank takes cuda:LOCAL_RANK. Alone: World() of size 1.
         self.world, self.device = distributed.setup(device)
+        self.budget = Budget(cfg, self.world, self.device)  # train.steps, or train.budget (images: sets train.steps)
         seed_everything(cfg.train.seed)
         self.task = task_class(cfg, self.world, self.device)
         # train.posthoc_ema: power EMAs of task.model, on rank 0 (it alone writes their snapshots)
@@ -91,7 +92,7 @@ class Engine:
             "data": self.stream.state_dict(), "rng": rng_state(),
             "counters": {"skipped": self.skipped, "nonfinite_run": self.nonfinite_run},
             "log_window": self.task.window.state_dict(), "class_names": self.task.data.train.class_names,
-            "world_size": self.world.size,
+            "world_size": self.world.size, "elapsed": self.budget.elapsed(),
         }
         if self.phema is not None:
             state["posthoc_ema"] = self.phema.state_dict()
@@ -116,6 +117,7 @@ class Engine:
             warnings.warn(distributed.world_change_warning(source, saved_world, self.world, t.batch_size,
                                                            state["data"], lr))
         self.step = int(state["step"])
+        self.budget.load(state.get("elapsed", 0.0), self.step)  # run time so far (0 in older checkpoints)
         counters = state.get("counters", {})
         self.skipped, self.nonfinite_run = int(counters.get("skipped", 0)), int(counters.get("nonfinite_run", 0))
         if "log_window" in state:
@@ -183,9 +185,9 @@ class Engine:
             lock.acquire()
         try:
             self.resume()
-            if self.step >= self.cfg.train.steps and (self.run_dir / "weights-ema.safetensors").exists():
+            if self.budget.reached(self.step) and (self.run_dir / "weights-ema.safetensors").exists():
                 distributed.print_main(self.world, f"difftrain: {self.run_dir} is already trained to step {self.step} "
-                                       f"(train.steps={self.cfg.train.steps}); nothing to do. Raise train.steps to train "
+                                       f"({self.budget.target()}); nothing to do. Raise it to train "
                                        f"on, or sample with: difftrain sample {self.run_dir}")
                 return self.run_dir
             return self.train_to_end()
@@ -213,17 +215,19 @@ class Engine:
                 log.close()
 
     def loop(self, log: MetricsLog | None, bar) -> bool:
-        """Steps until train.steps; True when a stop signal ended the loop early (after a checkpoint)."""
-        cfg, t, world = self.cfg, self.cfg.train, self.world
+        """Steps until train.steps or train.budget; True when a stop signal ended the loop early (after a checkpoint)."""
+        t, world = self.cfg.train, self.world
         self.tick, self.tick_step = time.perf_counter(), self.step
-        while self.step < t.steps:
-            result = self.train_step(lr_at(self.step, cfg, world.size))
+        self.budget.start()
+        while not self.budget.reached(self.step):
+            result = self.train_step(self.budget.lr(self.step))
             self.step += 1
+            self.budget.tick(self.step)  # a time budget: the clock after this step decides the lr and the end
             if self.phema is not None:  # a skipped step too: its weights are the previous step's
                 self.phema.update(self.task.model, self.step)
-            bar.update(1)
+            self.budget.show(bar, self.step)
             self.count_nonfinite(result)
-            if self.step % t.log_every == 0 or self.step == t.steps:
+            if self.step % t.log_every == 0 or self.budget.reached(self.step):
                 self.log_line(log, bar)
             # DDP: the ranks agreed in the step, so all of them checkpoint and stop at the same step
             requested = self.stop_agreed if world.active else self.stop_signals.requested
@@ -259,7 +263,7 @@ class Engine:
         """Validation, sample grids and checkpoints due after this step (a checkpoint always when stopping).
         Validation and grids run on rank 0 only (log is None elsewhere)."""
         t, step = self.cfg.train, self.step
-        if step >= t.steps:
+        if self.budget.reached(step):  # finish() does the last step's work
             return
         if t.val_every and step % t.val_every == 0 and log is not None:
             log.log(step, **self.task.validate(step))
@@ -286,12 +290,8 @@ class Engine:
         return log
 
     def progress_bar(self):
-        from tqdm import tqdm
-
-        t = self.cfg.train
-        # Off a terminal (CI, log files) refresh rarely instead of flooding the log.
-        return tqdm(total=t.steps, initial=self.step, disable=not (t.progress and self.world.main), desc="train",
-                    unit="step", dynamic_ncols=True, mininterval=0.2 if sys.stderr.isatty() else 30)
+        """Steps of train.steps, or seconds of a time budget (training/budget.py)."""
+        return self.budget.progress_bar(self.step, self.cfg.train.progress and self.world.main)
 
     def log_line(self, log: MetricsLog | None, bar) -> None:
         """The task's window since the last line, the lr, global images/s and skipped steps."""
@@ -300,8 +300,8 @@ class Engine:
         ips = (self.step - self.tick_step) * cfg.train.batch_size * world.size / max(elapsed, 1e-9)
         row = self.task.window.flush()
         if log is not None:
-            log.log(self.step, **row, lr=lr_at(self.step - 1, cfg, world.size), images_per_s=ips,
-                    skipped_steps=self.skipped)
+            log.log(self.step, **row, lr=self.budget.last_lr, images_per_s=ips, skipped_steps=self.skipped,
+                    **self.budget.fields(self.step))  # time, images_seen, max_memory_gb
         bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{ips:.0f}")
         self.tick, self.tick_step = time.perf_counter(), self.step
 

@@ -1,4 +1,4 @@
-"""Learning-rate schedules as plain functions of the step: `lr_at(step, cfg)`."""
+"""Learning-rate schedules as plain functions of the step, or of the fraction of a time budget used: `lr_at`."""
 
 from __future__ import annotations
 
@@ -31,25 +31,44 @@ def onecycle_lr(step: int, max_lr: float, total: int) -> float:
     return _cos_anneal(max_lr, final, (step - peak) / (total - 1 - peak))
 
 
-def lr_at(step: int, cfg: Config, world_size: int = 1) -> float:
+def decay(schedule: str, progress: float) -> float:
+    """The schedule's factor at `progress` (clamped to [0, 1]) of its decay: constant 1, linear 1 - p,
+    cosine (1 + cos(pi p)) / 2."""
+    p = min(1.0, max(0.0, progress))
+    if schedule == "linear":
+        return 1 - p
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * p))
+    return 1.0
+
+
+def onecycle_at(progress: float, max_lr: float) -> float:
+    """OneCycleLR's shape at `progress` of the run (a time budget): cosine up over the first 30%, then down."""
+    initial, final = max_lr / ONECYCLE_DIV, max_lr / ONECYCLE_DIV / ONECYCLE_FINAL_DIV
+    p = min(1.0, max(0.0, progress))
+    if p <= ONECYCLE_PCT_START:
+        return _cos_anneal(initial, max_lr, p / ONECYCLE_PCT_START)
+    return _cos_anneal(max_lr, final, (p - ONECYCLE_PCT_START) / (1 - ONECYCLE_PCT_START))
+
+
+def lr_at(step: int, cfg: Config, world_size: int = 1, progress: float | None = None) -> float:
     """The learning rate of optimizer step `step` (0-based).
 
-    constant / linear / cosine: linear warm-up over train.warmup_steps, then constant, or a
-    linear or cosine decay to 0 at train.lr_anneal_steps (guided-diffusion's knob; 0 means
-    train.steps). onecycle: PyTorch's OneCycleLR over train.steps (it has its own warm-up).
+    constant / linear / cosine: linear warm-up over train.warmup_steps, then `decay` at the progress of
+    the run: (step - warm-up) / (train.lr_anneal_steps (guided-diffusion's knob; 0 means train.steps) -
+    warm-up), or, for a time budget, the `progress` given (the fraction of train.budget used), so the
+    decay ends at the budget. onecycle: PyTorch's OneCycleLR over train.steps (it has its own warm-up),
+    or its shape over the budget.
     """
     t = cfg.train
     lr = base_lr(cfg, world_size)
-    if t.lr_schedule == "onecycle":
-        return onecycle_lr(min(step, t.steps - 1), lr, t.steps)
     if t.lr_schedule not in LR_SCHEDULES:
         raise ConfigError(f"unknown train.lr_schedule '{t.lr_schedule}'; choose from {', '.join(LR_SCHEDULES)}")
+    if t.lr_schedule == "onecycle":
+        return onecycle_lr(min(step, t.steps - 1), lr, t.steps) if progress is None else onecycle_at(progress, lr)
     if t.warmup_steps and step < t.warmup_steps:
         return lr * (step + 1) / t.warmup_steps
-    if t.lr_schedule == "constant":
-        return lr
-    end = t.lr_anneal_steps or t.steps
-    progress = min(1.0, (step - t.warmup_steps) / max(1, end - t.warmup_steps))
-    if t.lr_schedule == "linear":
-        return lr * (1 - progress)
-    return lr * 0.5 * (1 + math.cos(math.pi * progress))
+    if progress is None:
+        end = t.lr_anneal_steps or t.steps
+        progress = (step - t.warmup_steps) / max(1, end - t.warmup_steps)
+    return lr * decay(t.lr_schedule, progress)
