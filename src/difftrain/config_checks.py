@@ -239,7 +239,7 @@ RULES: dict[str, Rule] = {
     "train.eval_every": OFF_OR_COUNT,
     "train.eval_samples": integer(2),
     "train.eval_steps": integer(0, note=" (0: sample.steps)"),
-    "train.keep_checkpoints": COUNT,
+    "train.keep_checkpoints": integer(0, note=" (0: keep every checkpoint)"),
     "train.devices": COUNT,
     # sample
     "sample.steps": COUNT,
