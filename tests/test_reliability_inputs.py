@@ -348,3 +348,27 @@ def test_a_folder_that_is_not_a_run_is_described(tmp_path, capsys):
     assert rc == 2 and "is not a run directory but holds runs: a; give one of them" in err
     rc, _, err = cli(capsys, "eval", tmp_path / "runs" / "a" / "checkpoints")
     assert rc == 2 and "is not a run directory (it has no checkpoints/ folder)" in err
+
+
+def test_damaged_safetensors_as_init_from_or_diffusers_folder_is_a_clean_error(tmp_path):
+    """model.init_from with a damaged weights file (ours or a diffusers folder's) names the file."""
+    import json
+
+    from difftrain.checkpoint import CheckpointError
+    from difftrain.config import load_config
+    from difftrain.interop import init_weights
+    from difftrain.models import build_model
+
+    cfg = load_config("digits", ["model.model_channels=16", "model.in_channels=1", "model.image_size=8",
+                                 "model.num_classes=10"])
+    model = build_model(cfg.model)
+    junk = tmp_path / "w.safetensors"
+    junk.write_bytes(b"\x00" * 16)
+    with pytest.raises(CheckpointError, match="w.safetensors"):
+        init_weights(model, str(junk), cfg)
+    folder = tmp_path / "unet"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="diffusion_pytorch_model.safetensors"):
+        init_weights(model, str(folder), cfg)

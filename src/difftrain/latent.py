@@ -23,7 +23,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from difftrain.checkpoint import CheckpointError, load_model_state, newest_valid_checkpoint, select_weights
+from difftrain.checkpoint import (
+    CheckpointError,
+    load_model_state,
+    load_weights_file,
+    newest_valid_checkpoint,
+    select_weights,
+)
 from difftrain.config import Config, ConfigError, config_from_dict
 from difftrain.data import DataError, ImageSet, Splits
 from difftrain.data.latents import LatentSet, load_latent_cache, save_latent_cache
@@ -78,9 +84,7 @@ def _load_difftrain(path: Path, weights: str) -> tuple[nn.Module, str, str]:
         raise ConfigError(f"unknown latent.first_stage_weights '{weights}'; choose from raw, ema")
     file = path / ("weights.safetensors" if weights == "raw" else "weights-ema.safetensors")
     if file.is_file():
-        from safetensors.torch import load_file
-
-        state, source = load_file(file), file
+        state, source = load_weights_file(file)[0], file
     else:  # a run still training: its newest checkpoint
         found = newest_valid_checkpoint(path / "checkpoints")
         if found is None:

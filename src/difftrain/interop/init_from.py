@@ -16,7 +16,14 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from difftrain.checkpoint import CheckpointError, load_checkpoint, load_model_state, newest_valid_checkpoint, select_weights
+from difftrain.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_model_state,
+    load_weights_file,
+    newest_valid_checkpoint,
+    select_weights,
+)
 from difftrain.config import Config, ConfigError
 from difftrain.interop.convert import unet2d_config, unet_from_diffusers
 from difftrain.interop.convert_dit import dit_from_diffusers
@@ -58,13 +65,7 @@ def read_weights(path: Path, model: nn.Module, cfg: Config) -> tuple[dict[str, T
             return select_weights(found[1], "ema", str(found[0])), str(found[0])
         return read_diffusers(path, model, cfg)
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path), str(path)
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"model.init_from='{path}' is not a readable safetensors file: {e}") from None
+        return load_weights_file(path)[0], str(path)
     return select_weights(load_checkpoint(path), "ema", str(path)), str(path)
 
 
@@ -82,11 +83,9 @@ def _model_folder(path: Path) -> tuple[Path, dict]:
 
 def read_diffusers(path: Path, model: nn.Module, cfg: Config) -> tuple[dict[str, Tensor], str]:
     """A diffusers model folder's weights in our names, after checking its config against ours."""
-    from safetensors.torch import load_file
-
     folder, config = _model_folder(path)
     kind = config.get("_class_name")
-    state = load_file(folder / WEIGHTS_FILE)
+    state = load_weights_file(folder / WEIGHTS_FILE)[0]
     source = f"{folder} ({kind})"
     if kind == "UNet2DModel":
         check_unet_config(config, unet2d_config(model, cfg.model), folder)
