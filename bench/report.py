@@ -39,7 +39,8 @@ def render(results: Path) -> str:
         machines.append(train["machine"] | {"peak": f"{train['cases'][0]['peak_gflops']:.0f}" if train["cases"] else "?"})
         for c in train["cases"]:
             o, d = c["sides"]["difftrain"], c["sides"]["diffusers"]
-            what = (f"training images/s, `{c['recipe']}` ({o['model']} {o['params'] / 1e6:.1f}M vs UNet2DModel "
+            what = (f"training images/s, `{c.get('row', c['recipe'])}` ({o['model']} {o['params'] / 1e6:.1f}M vs "
+                    f"{c.get('peer', 'UNet2DModel')} "
                     f"{d['params'] / 1e6:.1f}M, {c['image_size']}x{c['image_size']}, batch {c['batch_size']})")
             rows.append([what + (" (quick)" if quick else ""), f"{o['images_per_s']:.0f} (MFU {o['mfu']:.0%})",
                          f"{d['images_per_s']:.0f} (MFU {d['mfu']:.0%})", f"{c['ratio']:.2f}x", "≥ 1.2x, MFU ≥ 60%"])
