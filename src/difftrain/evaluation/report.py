@@ -40,13 +40,19 @@ def evaluate_samples(images: Tensor, labels: Tensor | None, metric: str, *, data
     from difftrain.evaluation.fidelity import check_fidelity, fidelity_metrics
 
     check_fidelity(inception_weights)  # fail before loading any data
-    from difftrain.data import DATASETS
-
-    data = data or DataConfig(name="digits", image_size=int(images.shape[-1]))
-    reference = DATASETS[data.name](data).train.images  # the data set itself, without black_white extras
-    name = f"difftrain-{data.name}-{Path(data.path).name + '-' if data.path else ''}train-{data.image_size}px"
+    reference, name = fidelity_reference(data or DataConfig(name="digits", image_size=int(images.shape[-1])))
     return fidelity_metrics(images, reference, reference_name=name, weights=inception_weights, cache=cache,
                             device=device)
+
+
+def fidelity_reference(data: DataConfig) -> tuple[Tensor, str]:
+    """The images FID compares samples with: uint8 (N, C, H, W) of the data set's train split (without
+    black_white extras), and the name its cached statistics go under."""
+    from difftrain.data import DATASETS
+
+    reference = DATASETS[data.name](data).train.images
+    name = f"difftrain-{data.name}-{Path(data.path).name + '-' if data.path else ''}train-{data.image_size}px"
+    return reference, name
 
 
 def format_report(result: dict) -> str:

@@ -65,8 +65,9 @@ def _reference_base(key: str) -> str | None:
 
 
 def quality_panels(keys: list[str]) -> list[Panel]:
-    """One panel per `eval_*` key, with the reference keys whose base it starts with."""
-    evals = [k for k in keys if k.startswith("eval_")]
+    """One panel per `eval_*` key, with the reference keys whose base it starts with. Sample counts
+    (`eval_n`, `eval_X_n`) are not quality: they are listed as constants, or drawn under "other" if they change."""
+    evals = [k for k in keys if k.startswith("eval_") and not k.endswith("_n")]
     refs = [k for k in evals if _reference_base(k)]
     panels, used = [], set()
     for key in (k for k in evals if k not in refs):

@@ -1,8 +1,10 @@
 """Read what a run directory holds, tolerantly: a killed run still yields everything that is on disk.
 
-`read_metrics_file` is the tolerant metrics.jsonl reader of this layer: blank lines are skipped, a cut-short
-or unreadable line is skipped with a note naming it, and a step logged twice (a run resumed from a checkpoint
-older than its last log line) keeps its newest values.
+`read_metrics_file` is the tolerant metrics.jsonl reader of this layer (training/metrics.read_metrics uses
+it too): blank lines are skipped, a cut-short or unreadable line is skipped with a note naming it, the lines
+of one step (training, validation, evaluation) are merged, and a step logged twice (a line whose step goes
+back, or a value logged again at its step: a run resumed from a checkpoint older than its last log line)
+keeps its newest values.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from difftrain.report import ReportError
 GRID_FILE = re.compile(r"^step-(\d{7,})(-raw)?\.png$")
 RUN_INFO = "run_info.json"
 MAX_NOTES = 5  # unreadable metrics lines named one by one; the rest are counted
+PER_LINE = {"time", "images_seen", "max_memory_gb"}  # fields every line of a step may carry: no repeat
 
 
 @dataclass
@@ -77,7 +80,7 @@ def read_metrics_file(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     lines = text.split("\n")
     by_step: dict[int, dict[str, Any]] = {}
     bad: list[int] = []
-    repeated = 0
+    repeated, newest = 0, None
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -90,7 +93,8 @@ def read_metrics_file(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
             bad.append(number)
             continue
         merged = by_step.setdefault(step, {"step": step})
-        repeated += any(k in merged for k in row if k != "step")
+        repeated += (newest is not None and step < newest) or any(k in merged for k in row if k not in PER_LINE | {"step"})
+        newest = step if newest is None else max(newest, step)
         merged.update(row)
     return [by_step[s] for s in sorted(by_step)], _metrics_notes(path, lines, bad, repeated)
 

@@ -2,19 +2,21 @@
 
 The engine is the same for every task (training/tasks/): it owns the run directory, resume and
 checkpoints, stop signals, the process group under torchrun, logging (metrics.jsonl, TensorBoard,
-W&B, the progress bar, images/s), the periodic work (validation, grids, checkpoints) and the end
-of the run (safetensors exports, final grids, the printed summary). The task owns the models,
-optimizers and EMAs and takes one step at a time.
+W&B, the progress bar, images/s), the periodic work (validation, grids, checkpoints, sample quality:
+training/evaluate.py) and the end of the run (safetensors exports, final grids, report.html, the printed
+summary). The task owns the models, optimizers and EMAs and takes one step at a time.
 
 Run directory layout (see docs/architecture.md):
     config.yaml                   resolved config
     checkpoints/step-NNNNNNN.pt   everything needed to resume exactly (see `Engine.state_dict`)
+    checkpoints/best.pt           train.eval_every: the best-scoring checkpoint (best.json: its step and score)
     weights.safetensors           final raw weights
     weights-ema.safetensors       final weights of the first EMA rate (weights-ema-RATE.safetensors: the others)
     metrics.jsonl                 one JSON object per log line
     samples/                      EMA and raw grids during training, final.png and final-raw.png
     ema-snapshots/                post-hoc EMA snapshots (train.posthoc_ema; training/phema.py)
     tensorboard/                  TensorBoard event files
+    run_info.json, report.html    the machine; the report page written at the end
 """
 
 from __future__ import annotations
@@ -39,13 +41,15 @@ from difftrain.checkpoint import (
 )
 from difftrain.config import Config, ConfigError
 from difftrain.data import BatchStream
+from difftrain.report.run_info import write_run_info
 from difftrain.training import distributed
 from difftrain.training.budget import Budget
 from difftrain.training.ema import ema_label
+from difftrain.training.evaluate import Evaluator
 from difftrain.training.metrics import MetricsLog
 from difftrain.training.options import check_train_config, train_device
 from difftrain.training.phema import posthoc_ema, set_aside_later_snapshots
-from difftrain.training.rundir import RunLock, check_config_change, find_checkpoint, tidy_for_resume
+from difftrain.training.rundir import RunLock, check_config_change, find_checkpoint, tidy_for_resume, write_report_page
 from difftrain.training.schedules import base_lr
 from difftrain.training.state import StopSignals, rng_state, seed_everything, set_rng_state
 from difftrain.training.tasks import TASKS, StepResult, task_for
@@ -76,6 +80,7 @@ class Engine:
         self.phema = posthoc_ema(self.task.model, cfg.train, cfg.to_yaml()) if self.world.main else None
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self.evaluator = Evaluator(cfg, self.task, self.world, self.device, self.run_dir)  # train.eval_every
         # Every rank reads the same global batch (batch_size x world size); the task trains on its own slice.
         self.stream = BatchStream(self.task.data.train, cfg.train.batch_size * self.world.size, seed=cfg.train.seed,
                                   random_flip=cfg.data.random_flip, device=self.device)
@@ -273,6 +278,8 @@ class Engine:
             self.phema.snapshot(self.run_dir, step)
         if stopping or (t.checkpoint_every and step % t.checkpoint_every == 0):
             self.save()
+        if self.evaluator.due(step):  # after the checkpoint: a stop that cuts it short loses only its scores
+            self.evaluator.evaluate(step, log, self.state_dict)
 
     # --- logging -------------------------------------------------------------------------
     def open_log(self) -> MetricsLog | None:
@@ -281,6 +288,7 @@ class Engine:
         log = None
         if world.main:
             atomic_write(self.run_dir / "config.yaml", lambda f: f.write(cfg.to_yaml().encode()), what="config")
+            write_run_info(self.run_dir, self.device, world.size)  # the machine, for the report page
             log = MetricsLog(self.run_dir, cfg.train.tensorboard, cfg.train.wandb, cfg.to_dict())
         distributed.print_main(world, self.task.summary(self.run_dir))
         if self.phema is not None:
@@ -312,6 +320,8 @@ class Engine:
         if self.cfg.train.val_every and log is not None:
             log.log(self.step, **self.task.validate(self.step))
         path = self.save()
+        if self.cfg.train.eval_every:
+            self.evaluator.evaluate(self.step, log, self.state_dict)
         if not self.world.main:
             distributed.barrier(self.world)  # until rank 0 has exported the weights and drawn the grids
             return self.run_dir
@@ -320,10 +330,11 @@ class Engine:
             self.phema.snapshot(self.run_dir, self.step)
         self.export_weights()
         d = self.run_dir
+        report = write_report_page(d)  # metrics.jsonl is line-buffered: every line is on disk
         print(f"difftrain: trained {self.step} steps. Files in {d}/:\n"
               f"  checkpoint   {path}\n  weights      {d / 'weights-ema.safetensors'} (EMA {self.task.emas[0].rate}), "
               f"{d / 'weights.safetensors'} (raw)\n  samples      {grid}\n  metrics      {d / 'metrics.jsonl'}\n"
-              f"{self.task.next_step(d)}", file=sys.stderr)
+              f"{self.task.next_step(d)}\nReport page: {report}", file=sys.stderr)
         distributed.barrier(self.world)
         return self.run_dir
 

@@ -141,5 +141,12 @@ class MeanWindow:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    """RUN_DIR/metrics.jsonl as one dict per step (its training, validation and evaluation lines merged), in
+    step order; [] when there is none. Strict: a damaged line or a step logged twice raises ValueError naming
+    it (the report's reader, report.rundata.read_metrics_file, skips them with a note instead)."""
+    from difftrain.report.rundata import read_metrics_file
+
+    rows, notes = read_metrics_file(Path(run_dir) / "metrics.jsonl")
+    if notes:
+        raise ValueError("; ".join(notes))
+    return rows

@@ -1,0 +1,217 @@
+"""Sample quality during training (train.eval_every): draw samples, score them, keep the best checkpoint.
+
+Every train.eval_every steps and at the end of the run, rank 0 draws train.eval_samples samples from the
+default EMA weights with train.eval_sampler / train.eval_steps (default: the run's sample.sampler and
+sample.steps; guidance sample.guidance; labels cycling through the classes; the noise of seed train.seed,
+so every evaluation compares the same draws) and scores them with what applies offline:
+
+- the classifier-feature metric (evaluation/classifier.py) for data sets that have one (digits, MNIST,
+  Fashion-MNIST, fonts): eval_accuracy (eval_accuracy_test: the classifier on real test images, the
+  ceiling), eval_frechet_distance (eval_frechet_floor: real train images), eval_near_copy_fraction
+  (eval_near_copy_fraction_test: real test images, 0.01 by construction);
+- FID / KID / IS / precision / recall through torch-fidelity against the training data, when it and its
+  Inception weights are on disk: eval_fid, eval_kid, eval_inception_score, eval_precision, eval_recall.
+  Nothing is downloaded; what is missing is said in one line, once.
+
+The scores go to metrics.jsonl (with eval_n, the number of samples) and TensorBoard. The best score
+(eval_frechet_distance, else eval_fid; lower is better) keeps its checkpoint as checkpoints/best.pt (its
+"best" entry holds the step and score) with the same record in checkpoints/best.json; pruning never
+touches it. Evaluation runs with the Python, NumPy and torch random states saved and restored, so it
+never changes the training random stream: a resumed run stays bitwise equal to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import math
+import random
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from difftrain.checkpoint import CheckpointError, atomic_write, save_checkpoint
+from difftrain.config import Config, ConfigError
+from difftrain.evaluation import EvaluationError
+from difftrain.training import distributed
+from difftrain.training.distributed import World
+from difftrain.training.metrics import MetricsLog
+from difftrain.training.rundir import BEST_CHECKPOINT, BEST_RECORD, read_best
+from difftrain.training.tasks import Task
+
+CLASSIFIER_KEYS = {"accuracy": "eval_accuracy", "classifier_test_accuracy": "eval_accuracy_test",
+                   "frechet_distance": "eval_frechet_distance", "frechet_floor": "eval_frechet_floor",
+                   "near_copy_fraction": "eval_near_copy_fraction", "near_copy_fraction_test": "eval_near_copy_fraction_test"}
+FIDELITY_KEYS = {"frechet_inception_distance": "eval_fid", "kernel_inception_distance_mean": "eval_kid",
+                 "inception_score_mean": "eval_inception_score", "precision": "eval_precision", "recall": "eval_recall"}
+BEST_KEYS = ("eval_frechet_distance", "eval_fid")  # the first one present ranks the checkpoints; lower is better
+
+
+@contextlib.contextmanager
+def isolated_rng(seed: int, device: torch.device):
+    """Run the block with torch seeded to `seed`; afterwards the Python, NumPy and torch (and this CUDA
+    device's) random states are as before."""
+    py, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(np_state)
+
+
+def fidelity_problem() -> str | None:
+    """Why FID cannot be computed on this machine (None: it can). Never downloads anything."""
+    from difftrain.evaluation.fidelity import default_inception_weights
+
+    if importlib.util.find_spec("torch_fidelity") is None:
+        return "torch-fidelity is not installed"
+    path = default_inception_weights()
+    return None if path.is_file() else f"no Inception weights at {path} (never downloaded; see README Evaluation)"
+
+
+class Evaluator:
+    """Sample quality every train.eval_every steps and at the end (rank 0 scores; every rank takes part in
+    keeping the best checkpoint, whose state gathers every rank's RNG states)."""
+
+    def __init__(self, cfg: Config, task: Task, world: World, device: torch.device, run_dir: Path):
+        t = cfg.train
+        self.cfg, self.task, self.world, self.device = cfg, task, world, device
+        self.every, self.n = t.eval_every, t.eval_samples
+        self.sampler, self.steps = t.eval_sampler or cfg.sample.sampler, t.eval_steps or cfg.sample.steps
+        self.ckpt_dir = Path(run_dir) / "checkpoints"
+        self.metrics: dict | None = None  # what applies, decided at the first evaluation: {"classifier": Reference, "fid": ...}
+        self.last_step = -1  # the step evaluated last: a run that ends at an eval step is scored once
+        if self.every:
+            self.check()
+
+    def check(self) -> None:
+        """Refuse what cannot be evaluated before training starts (an unknown sampler names the choices)."""
+        if self.cfg.autoencoder.kind != "none":
+            raise ConfigError(f"train.eval_every scores samples of a diffusion model; an autoencoder run "
+                              f"(autoencoder.kind={self.cfg.autoencoder.kind}) is scored by its validation "
+                              f"(train.val_every: val_psnr); set train.eval_every=0")
+        from difftrain.processes import build_process
+        from difftrain.samplers import sampler_steps
+
+        s = self.cfg.sample
+        try:
+            sampler_steps(build_process(self.cfg.diffusion), self.sampler, self.steps, s.spacing, s.respacing)
+        except ConfigError as e:
+            raise ConfigError(f"train.eval_sampler / train.eval_steps: {e}") from None
+
+    def due(self, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0
+
+    def evaluate(self, step: int, log: MetricsLog | None, state: Callable[[], dict]) -> dict[str, float]:
+        """Score the default EMA at `step` (rank 0), log the scores, and keep the checkpoint when it is the
+        best so far. Every rank calls this at the same steps; `state()` is the engine's checkpoint state."""
+        if step == self.last_step:
+            return {}
+        self.last_step = step
+        scores = self.score() if self.world.main else {}
+        if log is not None and scores:
+            log.log(step, **scores)
+        best = self.improved(scores)
+        if self.world.active:  # rank 0 decided; building the state is a collective
+            best = distributed.gather_objects(self.world, best)[0]
+        if best is not None:
+            checkpoint = state()
+            if self.world.main:
+                self.keep_best(checkpoint, {"step": step, **best})
+            distributed.barrier(self.world)
+        return scores
+
+    # --- scoring ---------------------------------------------------------------------------
+    def available(self) -> dict:
+        """The metrics that apply to this run, found once; what does not apply is said in one line."""
+        if self.metrics is not None:
+            return self.metrics
+        from difftrain.evaluation.report import default_metric
+
+        self.metrics, missing = {}, []
+        data = self.cfg.data
+        if default_metric(data) != "fid":
+            from difftrain.evaluation.classifier import load_reference
+
+            try:
+                self.metrics["classifier"] = load_reference(data, data.image_size)
+            except EvaluationError as e:
+                missing.append(f"no classifier metric ({e})")
+        else:
+            missing.append(f"no classifier metric for data.name={data.name} (digits, mnist, fashion_mnist and fonts have one)")
+        problem = fidelity_problem()
+        if problem is None:
+            from difftrain.evaluation.report import fidelity_reference
+
+            self.metrics["fid"] = fidelity_reference(data)
+        else:
+            missing.append(f"no FID/KID: {problem}")
+        if missing:
+            goes_on = ("training goes on without evaluation" if not self.metrics
+                       else f"scoring with the {' and '.join(self.metrics)} metric")
+            print(f"difftrain: train.eval_every: {'; '.join(missing)}; {goes_on}", file=sys.stderr)
+        return self.metrics
+
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """train.eval_samples uint8 samples of the default EMA and their labels (None: unconditional)."""
+        from difftrain.generation import cycled_labels, generate
+
+        k = self.cfg.model.num_classes or 0
+        labels = cycled_labels(self.n, k) if k else None
+        images = generate(self.task.emas[0].model, self.cfg, self.n, labels=labels, seed=self.cfg.train.seed,
+                          sampler=self.sampler, steps=self.steps)
+        return images, labels
+
+    def score(self) -> dict[str, float]:
+        """eval_* scores of fresh samples ({} when no metric applies)."""
+        with isolated_rng(self.cfg.train.seed, self.device):
+            metrics = self.available()  # (the first time: loads the reference data)
+            if not metrics:
+                return {}
+            images, labels = self.draw()
+            out: dict[str, float] = {"eval_n": len(images)}
+            if "classifier" in metrics:
+                from difftrain.evaluation.classifier import classifier_metrics
+
+                out.update(renamed(classifier_metrics(images, labels, metrics["classifier"]), CLASSIFIER_KEYS))
+            if "fid" in metrics:
+                from difftrain.evaluation.fidelity import fidelity_metrics
+
+                reference, name = metrics["fid"]
+                result = fidelity_metrics(images, reference, reference_name=name, device=str(self.device))
+                out.update(renamed(result, FIDELITY_KEYS))
+        return out
+
+    # --- the best checkpoint ---------------------------------------------------------------
+    def improved(self, scores: dict[str, float]) -> dict | None:
+        """{"key", "value"} when `scores` beat checkpoints/best.json (or there is none yet), else None."""
+        key = next((k for k in BEST_KEYS if k in scores and math.isfinite(scores[k])), None)
+        if key is None:
+            return None
+        record = read_best(self.ckpt_dir)
+        if record is not None and record["key"] == key and not scores[key] < float(record["value"]):
+            return None
+        return {"key": key, "value": scores[key]}
+
+    def keep_best(self, state: dict, record: dict) -> None:
+        """checkpoints/best.pt (the checkpoint with its score, written atomically), then best.json."""
+        state = {**state, "best": record}
+        try:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(f"cannot create '{self.ckpt_dir}': {e.strerror or e}") from None
+        save_checkpoint(state, self.ckpt_dir / BEST_CHECKPOINT)
+        text = json.dumps(record) + "\n"
+        atomic_write(self.ckpt_dir / BEST_RECORD, lambda f: f.write(text.encode()), what="best-checkpoint record")
+
+
+def renamed(result: dict, names: dict[str, str]) -> dict[str, float]:
+    """The numbers of a metric's result under their eval_* names (None values, e.g. no accuracy
+    for unconditional samples, are left out)."""
+    return {new: float(result[old]) for old, new in names.items() if isinstance(result.get(old), (int, float))}

@@ -1,0 +1,128 @@
+"""Sample quality during training (train.eval_every, training/evaluate.py) and the report page at the end."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from difftrain.checkpoint import list_checkpoints, load_checkpoint
+from difftrain.config import ConfigError, load_config
+from difftrain.training import Engine
+from difftrain.training.distributed import World
+from difftrain.training.evaluate import Evaluator
+from difftrain.training.metrics import read_metrics
+from tests.test_engine_resume import SMALL, assert_tensors_equal, final_state, make_trainer, stop_after
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+EVAL = ["train.eval_samples=50", "sample.batch_size=50"]
+
+
+@pytest.fixture(autouse=True)
+def offline_metrics(tmp_path_factory, monkeypatch):
+    """The classifier cached once per session in a test folder; no Inception weights (FID never runs)."""
+    monkeypatch.setenv("DIFFTRAIN_CACHE", str(tmp_path_factory.getbasetemp() / "difftrain-cache"))
+    monkeypatch.setenv("DIFFTRAIN_INCEPTION_WEIGHTS", str(tmp_path_factory.getbasetemp() / "no-inception.pth"))
+
+
+def eval_rows(run_dir):
+    """The evaluation values of each step that has them."""
+    rows = [{k: v for k, v in r.items() if k == "step" or k.startswith("eval_")} for r in read_metrics(run_dir)]
+    return [r for r in rows if "eval_n" in r]
+
+
+def test_scores_are_logged_every_n_steps_and_at_the_end_with_a_report(tmp_path, capsys):
+    make_trainer(tmp_path, "train.steps=11", "train.eval_every=5", *EVAL).run()
+    rows = eval_rows(tmp_path)
+    assert [r["step"] for r in rows] == [5, 10, 11]
+    for r in rows:
+        assert r["eval_n"] == 50 and 0 <= r["eval_accuracy"] <= 1 and 0.9 < r["eval_accuracy_test"] <= 1
+        assert r["eval_frechet_distance"] > r["eval_frechet_floor"] > 0 and 0 <= r["eval_near_copy_fraction"] <= 1
+    best = json.loads((tmp_path / "checkpoints" / "best.json").read_text())
+    scores = {r["step"]: r["eval_frechet_distance"] for r in rows}
+    assert best["key"] == "eval_frechet_distance" and best["value"] == min(scores.values())
+    assert scores[best["step"]] == best["value"]
+    state = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    assert state["step"] == best["step"] and state["best"] == best
+    err = capsys.readouterr().err
+    assert err.count("no FID/KID") == 1 and "scoring with the classifier metric" in err
+    assert err.rstrip().endswith(f"Report page: {tmp_path / 'report.html'}")  # the run's last line
+    page = (tmp_path / "report.html").read_text()
+    assert "Sample quality" in page and 'aria-label="frechet distance"' in page and "eval_frechet_floor" in page
+    assert 'aria-label="accuracy"' in page and "eval_n = 50" in page  # the sample count is listed, not drawn
+
+
+def test_resume_is_bitwise_exact_with_evaluation_on(tmp_path):
+    args = ("train.steps=12", "train.eval_every=4", *EVAL)
+    make_trainer(tmp_path / "whole", *args).run()
+    first = make_trainer(tmp_path / "split", *args)
+    stop_after(first, 8)  # the stop falls on an evaluation step: checkpoint, then the scores
+    first.run()
+    assert first.step == 8
+    make_trainer(tmp_path / "split", *args).run()
+    a, b = final_state(tmp_path / "whole"), final_state(tmp_path / "split")
+    for key in ("model", "emas", "optimizer", "data", "rng", "counters"):
+        assert_tensors_equal(a[key], b[key], key)
+    assert eval_rows(tmp_path / "whole") == eval_rows(tmp_path / "split")
+    assert [r["step"] for r in eval_rows(tmp_path / "whole")] == [4, 8, 12]
+    best = [json.loads((tmp_path / d / "checkpoints" / "best.json").read_text()) for d in ("whole", "split")]
+    assert best[0] == best[1]
+
+
+def test_the_best_checkpoint_survives_pruning(tmp_path, monkeypatch):
+    scores = {3: 2.0, 6: 1.0, 9: 4.0, 12: 3.0}  # the best is step 6; later ones are worse
+    monkeypatch.setattr(Evaluator, "score", lambda self: {"eval_n": 2, "eval_frechet_distance": scores[self.last_step]})
+    make_trainer(tmp_path, "train.steps=12", "train.eval_every=3", "train.checkpoint_every=2",
+                 "train.keep_checkpoints=1").run()
+    ckpt = tmp_path / "checkpoints"
+    assert [p.name for p in list_checkpoints(ckpt)] == ["step-0000012.pt"]
+    assert json.loads((ckpt / "best.json").read_text()) == {"step": 6, "key": "eval_frechet_distance", "value": 1.0}
+    best = load_checkpoint(ckpt / "best.pt")
+    assert best["step"] == 6 and best["best"]["value"] == 1.0
+    assert not torch.equal(next(iter(best["model"].values())), next(iter(final_state(tmp_path)["model"].values())))
+    # a resumed run keeps comparing with the recorded best
+    scores.update({15: 1.5})
+    make_trainer(tmp_path, "train.steps=15", "train.eval_every=3", "train.keep_checkpoints=1").run()
+    assert json.loads((ckpt / "best.json").read_text())["step"] == 6
+
+
+def test_without_a_metric_one_notice_and_training_goes_on(tmp_path, capsys):
+    for c, name in enumerate(("cat", "dog")):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (8, 8), (20 * (c * 6 + i),) * 3).save(tmp_path / "data" / name / f"{i}.png")
+    run = tmp_path / "run"
+    make_trainer(run, "data.name=folder", f"data.path={tmp_path / 'data'}", "train.steps=6", "train.eval_every=2",
+                 *EVAL).run()
+    err = capsys.readouterr().err
+    assert err.count("train.eval_every:") == 1
+    line = next(ln for ln in err.splitlines() if "train.eval_every:" in ln)
+    assert "no classifier metric for data.name=folder" in line and "no FID/KID" in line
+    assert "training goes on without evaluation" in line
+    assert not eval_rows(run) and (run / "weights-ema.safetensors").is_file()
+    assert not (run / "checkpoints" / "best.pt").exists()
+
+
+def test_what_cannot_be_evaluated_is_refused_before_training(tmp_path):
+    cfg = load_config("digits", [f"run_dir={tmp_path}", *SMALL, "train.eval_every=5", "train.eval_sampler=nope"])
+    with pytest.raises(ConfigError, match="train.eval_sampler.*nope.*ddim"):
+        Evaluator(cfg, None, World(), torch.device("cpu"), tmp_path)
+    cfg = load_config("digits", [f"run_dir={tmp_path}", "train.eval_every=5", "autoencoder.kind=vq"])
+    with pytest.raises(ConfigError, match="autoencoder run.*train.eval_every=0"):
+        Evaluator(cfg, None, World(), torch.device("cpu"), tmp_path)
+    with pytest.raises(ConfigError, match="train.eval_samples"):
+        load_config("digits", ["train.eval_samples=1"])
+
+
+def test_a_report_that_cannot_be_written_only_warns(tmp_path, monkeypatch, capsys):
+    import difftrain.report as report
+
+    def broken(run_dir, out=None):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report, "write_report", broken)
+    with pytest.warns(UserWarning, match="could not write the report page.*disk full"):
+        Engine(load_config("digits", [f"run_dir={tmp_path}", *SMALL, "train.steps=2"])).run()
+    assert "Report page: not written (OSError: disk full)" in capsys.readouterr().err
+    assert (tmp_path / "weights-ema.safetensors").is_file()
