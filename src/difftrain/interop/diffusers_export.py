@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,7 +32,6 @@ from difftrain.checkpoint import (
 from difftrain.config import Config, ConfigError, config_from_dict
 from difftrain.interop.convert import unet2d_config, unet_to_diffusers
 from difftrain.interop.convert_dit import (
-    CLASSES,
     class_inputs,
     dit_config,
     dit_target,
@@ -42,46 +40,10 @@ from difftrain.interop.convert_dit import (
     flux_pack,
     flux_unpack,
 )
+from difftrain.interop.exported import Exported, ExportReport
 from difftrain.interop.model_card import model_card
 from difftrain.interop.schedulers import scheduler_config
 from difftrain.models import build_model
-
-SUBFOLDERS = {"unet": "unet", "sd3": "transformer", "flux": "transformer"}
-
-
-@dataclass
-class Exported:
-    """Our denoiser converted: the diffusers class, its config and weights, and how it is called (target)."""
-
-    target: str  # unet | sd3 | flux
-    config: dict
-    state: dict[str, Tensor]
-    patch_size: int = 1
-
-    @property
-    def class_name(self) -> str:
-        return "UNet2DModel" if self.target == "unet" else CLASSES[self.target]
-
-    @property
-    def subfolder(self) -> str:
-        return SUBFOLDERS[self.target]
-
-
-@dataclass
-class ExportReport:
-    out: Path
-    model_class: str
-    scheduler: str
-    pipeline: str | None
-    max_abs_diff: float
-    step: int
-    facts: dict = field(default_factory=dict)
-
-    def summary(self) -> str:
-        pipe = f", model_index.json for {self.pipeline}" if self.pipeline else ""
-        return (f"wrote {self.model_class} + {self.scheduler}{pipe} and README.md from {self.facts['source']} "
-                f"(step {self.step}, {self.facts['weights']} weights) to {self.out}; "
-                f"max |diffusers - difftrain| on a test batch: {self.max_abs_diff:.1e}")
 
 
 def require_diffusers():

@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import yaml
 
 from difftrain.config import Config
-
-if TYPE_CHECKING:  # only for the type names; diffusers_export imports this module
-    from difftrain.interop.diffusers_export import Exported, ExportReport
+from difftrain.interop.exported import Exported, ExportReport
 
 STEP_KEYS = {"UNet2DModel": "unet", "SD3Transformer2DModel": "transformer", "FluxTransformer2DModel": "transformer"}
 

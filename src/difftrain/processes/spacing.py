@@ -3,14 +3,22 @@ respacing, Karras sigmas. `GaussianDiffusion.sampling_sigmas` turns them into th
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
+from torch import Tensor
 
 from difftrain.config import ConfigError
 
-if TYPE_CHECKING:
-    from difftrain.processes.gaussian import Schedule
+
+class Schedule(Protocol):
+    """What the spacings read of a discrete schedule (processes.gaussian.Schedule has it)."""
+
+    @property
+    def timesteps(self) -> int: ...
+    @property
+    def sigmas(self) -> Tensor: ...
+    def t_at(self, sigma: float) -> float: ...
 
 SPACINGS = ("leading", "trailing", "linspace", "karras")
 
