@@ -58,7 +58,7 @@ def test_shipped_recipes_pass_validation(recipe):
     ("train.val_every=-1", "train.val_every: must be an integer >= 0"),
     ("train.warmup_steps=-1", "train.warmup_steps: must be an integer >= 0"),
     ("train.batch_size=0", "train.batch_size: must be an integer >= 1, got 0"),
-    ("train.keep_checkpoints=0", "train.keep_checkpoints: must be an integer >= 1, got 0"),
+    ("train.keep_checkpoints=-1", "train.keep_checkpoints: must be an integer >= 0 (0: keep every checkpoint), got -1"),
     ("train.ema_rates=[1.0]", "train.ema_rates: must be a non-empty list of distinct rates in [0, 1)"),
     ("train.ema_rates=[]", "train.ema_rates: must be a non-empty list"),
     ("train.ema_rates=[0.9,0.9]", "train.ema_rates: must be a non-empty list of distinct rates"),
