@@ -17,6 +17,7 @@ from difftrain.training.phema import (
     PowerEMA,
     gamma_to_sigma_rel,
     list_snapshots,
+    posthoc_ema,
     power_beta,
     power_weights,
     profile_inner,
@@ -168,6 +169,14 @@ def test_config_checks_the_widths():
     for bad in ("[0.3]", "[0.1,0.1]", "[0]"):
         with pytest.raises(ConfigError, match="train.posthoc_ema"):
             load_config("digits", [f"train.posthoc_ema={bad}"])
+    timed = load_config("digits", ["train.posthoc_ema=[0.05,0.1]", "train.budget=10m"]).train
+    with pytest.raises(ConfigError, match="time budget.*train.ema_snapshot_every"):  # the step count is unknown
+        posthoc_ema(nn.Linear(2, 2), timed, "")
+    timed.ema_snapshot_every = 50
+    assert posthoc_ema(nn.Linear(2, 2), timed, "").every == 50
+    assert posthoc_ema(nn.Linear(2, 2), cfg.train, "").every == 7
+    cfg.train.ema_snapshot_every = 0  # default: about 20 snapshots over train.steps
+    assert posthoc_ema(nn.Linear(2, 2), cfg.train, "").every == cfg.train.steps // 20
 
 
 def test_a_run_writes_snapshots_and_difftrain_ema_writes_weights_that_sample_uses(tmp_path, eval_cache, monkeypatch):  # noqa: F811
