@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from difftrain.checkpoint import CheckpointError, export_safetensors, remove_stale_temp_files
-from difftrain.config import ConfigError
+from difftrain.config import ConfigError, TrainConfig
 from difftrain.config_checks import parse_budget
 
 SNAPSHOT_DIR = "ema-snapshots"
@@ -111,6 +111,7 @@ class PowerEMA:
         self.t = int(state["t"])
         self.model.load_state_dict(state["weights"])
 
+
 def sigma_label(sigma_rel: float) -> str:
     """How a width is named in files and on the command line: 0.1 -> '0.1', 0.050 -> '0.05'."""
     return repr(float(sigma_rel))
@@ -121,11 +122,11 @@ class PosthocEMA:
     one file per snapshot step holding every tracked width's weights as "SIGMA/NAME" (metadata: step, widths,
     exponents, the config)."""
 
-    def __init__(self, model: nn.Module, sigma_rels: list[float], every: int, config_yaml: str):
+    def __init__(self, model: nn.Module, sigma_rels: list[float], every: int, config_yaml: str, timed: bool = False):
         self.emas = [PowerEMA(model, s) for s in sigma_rels]
         self.every, self.config_yaml = every, config_yaml
         self.buffers = sorted(set(model.state_dict()) - {name for name, _ in model.named_parameters()})
-        self.timed = False  # a time budget: describe() cannot count the snapshots ahead
+        self.timed = timed  # a time budget: describe() cannot count the snapshots ahead
 
     def update(self, model: nn.Module, step: int) -> None:
         """After optimizer step `step` (1-based; a skipped step counts too: its weights are those before it)."""
@@ -175,7 +176,7 @@ class PosthocEMA:
                 ema.load_state_dict(saved[ema.sigma_rel])
 
 
-def posthoc_ema(model: nn.Module, t, config_yaml: str) -> PosthocEMA | None:
+def posthoc_ema(model: nn.Module, t: TrainConfig, config_yaml: str) -> PosthocEMA | None:
     """The run's post-hoc EMAs (train.posthoc_ema; None when empty), snapshot every train.ema_snapshot_every
     steps (0: about AUTO_SNAPSHOTS over train.steps)."""
     if not t.posthoc_ema:
@@ -185,9 +186,7 @@ def posthoc_ema(model: nn.Module, t, config_yaml: str) -> PosthocEMA | None:
         raise ConfigError(f"train.posthoc_ema with the time budget train.budget={t.budget} needs "
                           f"train.ema_snapshot_every, the steps between snapshots (e.g. 500)")
     every = t.ema_snapshot_every or max(1, t.steps // AUTO_SNAPSHOTS)
-    tracker = PosthocEMA(model, [float(s) for s in t.posthoc_ema], every, config_yaml)
-    tracker.timed = timed
-    return tracker
+    return PosthocEMA(model, [float(s) for s in t.posthoc_ema], every, config_yaml, timed)
 
 
 # --- snapshots on disk and the reconstruction ------------------------------------------------------
