@@ -189,7 +189,9 @@ def recipe_stages(work: Path, smoke: bool) -> list[tuple[str, list[str]]]:
     steps = 6 if smoke else 300
     tiny_dit = ["model.hidden_size=32", "model.depth=1", "train.batch_size=16"] if smoke else []
     tiny_unet = ["model.model_channels=16", "train.batch_size=8"] if smoke else []
-    cpu = ["train.device=cpu", "train.precision=fp32", "train.compile=false"] if smoke else []
+    # smoke: the CPU, fp32, and a cheap final grid (cifar10's recipe samples with ddpm over all 1000 steps)
+    cpu = (["train.device=cpu", "train.precision=fp32", "train.compile=false", "sample.sampler=ddim", "sample.steps=4"]
+           if smoke else [])
     every = [f"train.steps={steps}", f"train.log_every={max(steps // 10, 1)}", "train.sample_every=0",
              f"train.checkpoint_every={steps}", "train.warmup_steps=10"]
     ae = work / "runs" / "celebahq-vq-f4"
@@ -205,15 +207,16 @@ def recipe_stages(work: Path, smoke: bool) -> list[tuple[str, list[str]]]:
                                     "model.resblock_updown=true", "diffusion.learn_sigma=true",
                                     "diffusion.schedule=cosine", "train.timestep_sampler=loss-second-moment",
                                     "train.lr=1e-4", "train.batch_size=64", "train.precision=fp16",
-                                    "train.ema_rates=[0.9999]", "train.channels_last=false", *every, *tiny_unet, *cpu]),
+                                    "train.ema_rates=[0.9999]", "train.channels_last=false", *every, *tiny_unet,
+                                    *(["model.num_head_channels=16"] if smoke else []), *cpu]),
         ("celebahq-vq-f4", ["celebahq-vq-f4", f"data.path={faces}", f"data.image_size={32 if smoke else 256}",
                             f"autoencoder.resolution={32 if smoke else 256}", "autoencoder.lpips_required=false",
                             *every, "train.val_every=0", *(["autoencoder.ch=16", "train.batch_size=4"] if smoke else []),
                             *cpu, f"run_dir={ae}"]),
         ("celebahq-ldm-vq4", ["celebahq-ldm-vq4", f"data.path={faces}", f"data.image_size={32 if smoke else 256}",
                               f"latent.first_stage={ae}", "latent.cache=false", *every, "train.val_every=0",
-                              *(["model.model_channels=32", "model.num_head_channels=8", "train.batch_size=4"]
-                                if smoke else []), *cpu]),
+                              *(["model.model_channels=32", "model.num_head_channels=8", "train.batch_size=4",
+                                 "model.image_size=8"] if smoke else []), *cpu]),
     ]
 
 
@@ -281,7 +284,8 @@ def run_mnist_long(work: Path, smoke: bool, seconds_left: float, ips: float, log
 
 def write_markdown(report: dict, path: Path) -> None:
     lines = [f"# GPU check ({report['device_name']}, torch {report['torch']}, {report['date']})", "",
-             f"Matmul peak measured (bf16 on a GPU, fp32 in a smoke run): {report['peak_tflops']:.3g} TFLOP/s. Smoke run: {report['smoke']}.", "",
+             f"Matmul peak measured (bf16 on a GPU, fp32 in a smoke run): {report['peak_tflops']:.3g} TFLOP/s. "
+             f"Smoke run: {report['smoke']}.", "",
              "| stage | rc | s | images/s | MFU | GFLOP/img | peak GB | compile s | loss first -> last | NaN |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["stages"]:

@@ -372,3 +372,13 @@ def test_damaged_safetensors_as_init_from_or_diffusers_folder_is_a_clean_error(t
     (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="diffusion_pytorch_model.safetensors"):
         init_weights(model, str(folder), cfg)
+
+
+def test_more_head_channels_than_an_attention_level_has_is_a_config_error():
+    from difftrain.config import ConfigError, load_config
+    from difftrain.models import build_model
+
+    cfg = load_config("digits", ["model.model_channels=16", "model.num_head_channels=64", "model.in_channels=1",
+                                 "model.image_size=8", "model.num_classes=10"])
+    with pytest.raises(ConfigError, match="model.num_head_channels"):
+        build_model(cfg.model)

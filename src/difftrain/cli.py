@@ -261,7 +261,8 @@ def _add_eval_command(sub) -> None:
     e.add_argument("--guidance", type=NUMBER_OPTION, default=None, help="classifier-free guidance scale (default: the recipe's)")
     e.add_argument("--seed", type=SEED_OPTION, default=0)
     e.add_argument("--batch-size", type=COUNT_OPTION, default=None)
-    e.add_argument("--ema", default="ema", metavar="ema|raw|RATE", help="weights to sample with (default ema)")
+    e.add_argument("--ema", default="ema", metavar="ema|raw|RATE|phema-SIGMA",
+                   help="weights to sample with (default ema); phema-SIGMA: a post-hoc EMA from `difftrain ema`")
     e.add_argument("--device", default="auto")
     e.add_argument("--cache-dir", default=None, help="classifier / reference statistics cache "
                    "(default $DIFFTRAIN_CACHE or ~/.cache/difftrain)")
@@ -323,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=SEED_OPTION, default=0)
     s.add_argument("--batch-size", type=COUNT_OPTION, default=None)
     s.add_argument("--ema", default="ema", metavar="ema|raw|RATE",
-                   help="weights: the first EMA (default), raw, or the EMA of a rate in train.ema_rates, e.g. 0.9999")
+                   help="weights: the first EMA (default), raw, the EMA of a rate in train.ema_rates (e.g. 0.9999), "
+                        "phema-SIGMA (a post-hoc EMA written by `difftrain ema`) or a .safetensors path")
     s.add_argument("--device", default="auto")
     s.add_argument("--format", default="grid", help="grid (PNG), npz (guided-diffusion arr_0/arr_1) or png-dir")
     s.add_argument("--out", default=None, help="output path (default samples.png / samples.npz / samples/)")
@@ -353,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.formatwarning = lambda msg, cat, *a, **k: f"difftrain: warning: {msg}\n"
-    if args.command in ("train", "sample", "eval"):  # model work: keep freed activations (runtime.keep_freed_memory)
+    if args.command in ("train", "sample", "eval", "ema"):  # model work: keep freed activations (runtime.keep_freed_memory)
         from difftrain.runtime import keep_freed_memory
 
         keep_freed_memory()

@@ -113,6 +113,9 @@ class UNet(nn.Module):
         emb_dim = 4 * model_channels
 
         def heads(ch: int) -> int:
+            if num_head_channels > ch:
+                raise ValueError(f"num_head_channels={num_head_channels} is more than the {ch} channels of an attention "
+                                 f"level; lower model.num_head_channels or raise model.model_channels")
             return ch // num_head_channels if num_head_channels > 0 else num_heads
 
         def res(ch_in: int, ch_out: int, **kw) -> ResBlock:
