@@ -382,3 +382,14 @@ def test_more_head_channels_than_an_attention_level_has_is_a_config_error():
                                  "model.image_size=8", "model.num_classes=10"])
     with pytest.raises(ConfigError, match="model.num_head_channels"):
         build_model(cfg.model)
+
+
+def test_a_grid_sampler_that_does_not_fit_the_process_fails_before_training(tmp_path):
+    """sample.sampler=ddim on a flow recipe: refused at start (naming the key), not at the first grid."""
+    from difftrain.cli import main
+
+    run_dir = tmp_path / "run"
+    code = main(["train", "digits-dit-flow", f"run_dir={run_dir}", "sample.sampler=ddim", "train.steps=2",
+                 "train.progress=false", "train.tensorboard=false"])
+    assert code == 2
+    assert not (run_dir / "checkpoints").exists()

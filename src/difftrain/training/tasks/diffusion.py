@@ -18,13 +18,14 @@ import torch
 from torch import Tensor, nn
 
 from difftrain.checkpoint import load_model_state
-from difftrain.config import Config
+from difftrain.config import Config, ConfigError
 from difftrain.data import Splits, load_data
 from difftrain.data.memory import to_model_range
 from difftrain.generation import cycled_labels, generate, write_grid
 from difftrain.interop import init_weights
 from difftrain.models import build_model
 from difftrain.processes import build_process
+from difftrain.samplers import sampler_steps
 from difftrain.training import distributed
 from difftrain.training.distributed import World
 from difftrain.training.ema import EMA, ema_state, load_ema_state
@@ -67,6 +68,11 @@ class DiffusionTask:
         self.data = load_training_data(cfg, world, device)
         resolve_config(cfg, self.data)
         self.process = build_process(cfg.diffusion)  # validates the diffusion keys before any file is written
+        s = cfg.sample  # the grids' sampler must fit the process: fail now, not at the first grid hours later
+        try:
+            sampler_steps(self.process, s.sampler, s.steps, s.spacing, s.respacing)
+        except ConfigError as e:
+            raise ConfigError(f"sample.sampler / sample.steps: {e}") from None
         self.timesteps = build_timestep_sampler(t.timestep_sampler, self.process, device)
         self.model = build_model(cfg.model).to(device)
         init_weights(self.model, cfg.model.init_from, cfg)  # model.init_from: a run's, safetensors or diffusers weights
