@@ -190,8 +190,7 @@ def recipe_stages(work: Path, smoke: bool) -> list[tuple[str, list[str]]]:
     tiny_dit = ["model.hidden_size=32", "model.depth=1", "train.batch_size=16"] if smoke else []
     tiny_unet = ["model.model_channels=16", "train.batch_size=8"] if smoke else []
     # smoke: the CPU, fp32, and a cheap final grid (cifar10's recipe samples with ddpm over all 1000 steps)
-    cpu = (["train.device=cpu", "train.precision=fp32", "train.compile=false", "sample.sampler=ddim", "sample.steps=4"]
-           if smoke else [])
+    cpu = ["train.device=cpu", "train.precision=fp32", "train.compile=false", "sample.steps=4"] if smoke else []
     every = [f"train.steps={steps}", f"train.log_every={max(steps // 10, 1)}", "train.sample_every=0",
              f"train.checkpoint_every={steps}", "train.warmup_steps=10"]
     ae = work / "runs" / "celebahq-vq-f4"
@@ -199,7 +198,8 @@ def recipe_stages(work: Path, smoke: bool) -> list[tuple[str, list[str]]]:
         ("mnist-dit-flow", ["mnist-dit-flow", f"data.path={mnist}", *every, *tiny_dit, *cpu]),
         ("mnist-dit-flow-fp32", ["mnist-dit-flow", f"data.path={mnist}", *every, "train.precision=fp32",
                                  "train.compile=false", *tiny_dit, *cpu]),
-        ("cifar10-ddpm-cond", ["cifar10-ddpm-cond", f"data.path={cifar}", *every, "train.val_every=0", *tiny_unet, *cpu]),
+        ("cifar10-ddpm-cond", ["cifar10-ddpm-cond", f"data.path={cifar}", *every, "train.val_every=0", *tiny_unet, *cpu,
+                               *(["sample.sampler=ddim"] if smoke else [])]),
         ("adm64-guided-diffusion", ["digits", "data.name=folder", f"data.path={adm}", "data.class_from=prefix",
                                     f"data.image_size={16 if smoke else 64}", "data.channels=3",
                                     "model.model_channels=128", "model.channel_mult=[1,2,3,4]", "model.num_res_blocks=2",
