@@ -147,6 +147,17 @@ def newest_valid_checkpoint(folder: Path, skipped: list[Path] | None = None) -> 
     return None
 
 
+def read_run_checkpoint(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """(file, state) of a run directory's newest readable checkpoint, or of the checkpoint file `path`."""
+    path = Path(path)
+    if not path.is_dir():
+        return path, load_checkpoint(path)
+    found = newest_valid_checkpoint(path / "checkpoints")
+    if found is None:
+        raise CheckpointError(f"no readable checkpoint in '{path / 'checkpoints'}' (is '{path}' a run directory?)")
+    return found
+
+
 def looks_complete(path: Path) -> bool:
     """Whether `path` is a whole torch.save zip (its central directory, at the end, names data.pkl): a cheap
     check that catches truncated and foreign files without loading the tensors."""

@@ -17,8 +17,12 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from difftrain.checkpoint import (
-    CheckpointError, atomic_write, load_checkpoint, load_model_state, load_weights_file, newest_valid_checkpoint,
-    select_weights, weights_file,
+    atomic_write,
+    load_model_state,
+    load_weights_file,
+    read_run_checkpoint,
+    select_weights,
+    weights_file,
 )
 from difftrain.config import Config, ConfigError, config_from_dict
 from difftrain.data.images import to_pil, to_pil_images
@@ -48,13 +52,7 @@ def load_run(path: str | Path, *, weights: str = "ema", device: str | torch.devi
     EMA written by `difftrain ema` ("phema-0.1": RUN/weights-phema-0.1.safetensors) or a .safetensors file.
     """
     path = Path(path)
-    if path.is_dir():
-        found = newest_valid_checkpoint(path / "checkpoints")
-        if found is None:
-            raise CheckpointError(f"no readable checkpoint in '{path / 'checkpoints'}' (is '{path}' a run directory?)")
-        source, state = found
-    else:
-        source, state = path, load_checkpoint(path)
+    source, state = read_run_checkpoint(path)
     cfg = config_from_dict(state["config"])
     if cfg.autoencoder.kind != "none":
         raise ConfigError(f"'{path}' is an autoencoder run (autoencoder.kind={cfg.autoencoder.kind}): it reconstructs, "

@@ -23,10 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from difftrain.checkpoint import (
-    CheckpointError,
-    load_checkpoint,
     load_model_state,
-    newest_valid_checkpoint,
+    read_run_checkpoint,
     select_weights,
 )
 from difftrain.config import Config, ConfigError, config_from_dict
@@ -58,13 +56,7 @@ def require_diffusers():
 def load_for_export(path: str | Path, weights: str = "ema") -> tuple[Config, nn.Module, dict]:
     """The run's config, its model with `weights` (ema | raw | RATE), and facts for the model card."""
     path = Path(path)
-    if path.is_dir():
-        found = newest_valid_checkpoint(path / "checkpoints")
-        if found is None:
-            raise CheckpointError(f"no readable checkpoint in '{path / 'checkpoints'}' (is '{path}' a run directory?)")
-        source, state = found
-    else:
-        source, state = path, load_checkpoint(path)
+    source, state = read_run_checkpoint(path)
     cfg = config_from_dict(state["config"])
     if cfg.autoencoder.kind != "none":
         raise ConfigError(f"'{path}' is an autoencoder run (autoencoder.kind={cfg.autoencoder.kind}); export writes "
