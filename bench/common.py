@@ -21,21 +21,13 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from difftrain.report.run_info import cpu_name  # noqa: F401 (re-exported for the bench scripts)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
 
 # --- the machine ------------------------------------------------------------------------
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def matmul_gflops(n: int = 2048, reps: int = 3) -> float:
     """fp32 GFLOP/s of the best of `reps` (n x n) @ (n x n) products (2 n^3 FLOPs each)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
