@@ -43,7 +43,7 @@ from difftrain.evaluation import EvaluationError
 from difftrain.evaluation.frechet import frechet_distance_features
 from difftrain.runtime import cache_dir
 
-VERSION = 3  # bump when the classifier, its training or the cached statistics change: old cache files are retrained
+VERSION = 4  # bump when the classifier, its training or the cached statistics change: old cache files are retrained
 FORMAT = "difftrain-classifier"
 NEAR_COPY_PERCENTILE = 1.0
 DEFAULT_DATASETS = ("digits", "mnist", "fashion_mnist", "fonts")  # `difftrain eval` picks this metric for them
@@ -140,7 +140,8 @@ class SmallCNN(nn.Module):
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """How the classifier of a reference is trained (AdamW, one-cycle lr, random shifts of up to size / 8)."""
+    """How the classifier of a reference is trained (AdamW, one-cycle lr, random shifts of up to size / 14 pixels,
+    at least 1: 1 at 8x8, 2 at 28x28)."""
 
     steps: int
     batch_size: int = 64
@@ -150,10 +151,11 @@ class TrainSpec:
 
 def train_spec(reference: Reference) -> TrainSpec:
     """The digits keep their v2 classifier (400 steps of 64, about 20 epochs); other data sets train
-    for 2 epochs of 128 and at least 400 steps (MNIST: 937 steps, ~0.98 test accuracy)."""
+    for 5 epochs of 128 and at least 400 steps (MNIST: 2344 steps, 35 s on one core, test accuracy 0.989;
+    2 epochs gave 0.978, under the 0.98 that samples are asked to reach)."""
     if reference.name == "digits":
         return TrainSpec(steps=400)
-    return TrainSpec(steps=max(400, math.ceil(2 * len(reference.train) / 128)), batch_size=128, lr=3e-3)
+    return TrainSpec(steps=max(400, math.ceil(5 * len(reference.train) / 128)), batch_size=128, lr=3e-3)
 
 
 def _random_shift(x: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
@@ -176,7 +178,7 @@ def train_classifier(reference: Reference, spec: TrainSpec) -> tuple[SmallCNN, f
         model = SmallCNN(len(reference.class_names), in_channels=reference.channels)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=spec.steps, pct_start=0.1)
-    max_shift, batch_size = max(1, reference.image_size // 8), spec.batch_size
+    max_shift, batch_size = max(1, reference.image_size // 14), spec.batch_size
     model.train()
     perm, pos = torch.randperm(len(x), generator=generator), 0
     # The network is small: one thread avoids intra-op synchronisation that made training >10x
