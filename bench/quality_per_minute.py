@@ -17,7 +17,10 @@ class-conditional samples (DDIM 50 steps, guidance 3, trailing spacing: the reci
 diffusers' DDIMScheduler for the peer) that the offline digits metric scores (conditional accuracy,
 Fréchet distance; `difftrain.evaluation.digits`). Sampling and scoring are outside the budget.
 difftrain trains for `--budget` seconds, the peer for `--peer-factor` times that. Reported: the
-time each first reaches `--target` accuracy, and their ratio.
+time each first reaches `--target` accuracy, and their ratio. The peer lives in `bench/peers.py`.
+
+`--data mnist` runs the real-MNIST comparison instead: difftrain's UNet and DiT recipes beside two
+diffusers peers, at n=1000 (`bench/quality_mnist.py` documents it).
 
     .venv/bin/python bench/quality_per_minute.py            # 180 s vs 360 s of training, ~12 min on 2 idle cores
     .venv/bin/python bench/quality_per_minute.py --quick    # 30 s vs 60 s, n=100
@@ -34,21 +37,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    build_unet2d, machine, matched_unet2d_overrides, n_params, setup_threads, table, trainer, write_results,
-)
-from sample_throughput import diffusers_pipeline  # noqa: E402
+from common import machine, n_params, setup_threads, table, trainer, write_results  # noqa: E402
+from peers import EXAMPLE_HPARAMS, UNetPeer  # noqa: E402
 
-PEER_HPARAMS = {
-    # ours: the digits recipe's values (train.*)
-    "recipe": None,
-    # diffusers/examples/unconditional_image_generation/train_unconditional.py defaults
-    "example": {"batch_size": 16, "lr": 1e-4, "betas": (0.95, 0.999), "weight_decay": 1e-6, "warmup_steps": 500,
-                "ema_max_decay": 0.9999},
-}
+PEER_HPARAMS = {"recipe": None, "example": EXAMPLE_HPARAMS}  # ours: the digits recipe's train.* values
 
 
 class Ours:
@@ -68,89 +62,11 @@ class Ours:
     def steps(self) -> int:
         return self.tr.step
 
-    def sample(self, labels: torch.Tensor) -> torch.Tensor:
+    def sample(self, labels: torch.Tensor, steps: int, guidance: float) -> torch.Tensor:
         from difftrain.generation import generate
 
-        return generate(self.tr.task.ema.model, self.cfg, len(labels), labels=labels, seed=0, batch_size=len(labels))
-
-
-class Peer:
-    """diffusers' train_unconditional loop, class-conditional (label dropout to a null class)."""
-
-    def __init__(self, ours_cfg, ours_params: int, hparams: str, seed: int = 0):
-        from diffusers import DDPMScheduler
-        from diffusers.optimization import get_scheduler
-        from diffusers.training_utils import EMAModel
-        from difftrain.config import ModelConfig
-        from difftrain.data.digits import load_digits_splits
-        from difftrain.data.memory import to_model_range
-
-        torch.manual_seed(seed)
-        m, t, d = ours_cfg.model, ours_cfg.train, ours_cfg.diffusion
-        overrides, _ = matched_unet2d_overrides(ours_params, m.image_size, m.in_channels, m.num_classes,
-                                                list(m.channel_mult), m.num_res_blocks, list(m.attention_resolutions))
-        width = int(next(o for o in overrides if o.startswith("model.model_channels=")).split("=")[1])
-        self.cfg = ours_cfg
-        self.model_cfg = ModelConfig(name="diffusers_unet2d", model_channels=width, channel_mult=list(m.channel_mult),
-                                     num_res_blocks=m.num_res_blocks, attention_resolutions=list(m.attention_resolutions),
-                                     num_heads=m.num_heads, in_channels=m.in_channels, image_size=m.image_size,
-                                     num_classes=m.num_classes)
-        self.model = build_unet2d(self.model_cfg)
-        self.unet = self.model.unet
-        h = PEER_HPARAMS[hparams] or {"batch_size": t.batch_size, "lr": t.lr, "betas": tuple(t.betas),
-                                      "weight_decay": t.weight_decay, "warmup_steps": t.warmup_steps,
-                                      "ema_max_decay": t.ema_rates[0]}
-        self.hparams = {"name": hparams, **h}
-        self.scheduler = DDPMScheduler(num_train_timesteps=d.timesteps, beta_schedule="linear",
-                                       beta_start=d.beta_start, beta_end=d.beta_end)
-        self.opt = torch.optim.AdamW(self.unet.parameters(), lr=h["lr"], betas=h["betas"],
-                                     weight_decay=h["weight_decay"], eps=1e-8)
-        self.lr_scheduler = get_scheduler("constant_with_warmup", optimizer=self.opt,
-                                          num_warmup_steps=h["warmup_steps"])
-        self.ema = EMAModel(self.unet.parameters(), decay=h["ema_max_decay"], use_ema_warmup=True,
-                            inv_gamma=1.0, power=3 / 4)
-        train = load_digits_splits(m.image_size, ours_cfg.data.test_fraction, ours_cfg.data.split_seed).train
-        self.images, self.labels = to_model_range(train.images), train.labels
-        self.batch_size, self.label_dropout, self.null = h["batch_size"], t.label_dropout, m.num_classes
-        self.order, self.pos, self.steps = torch.randperm(len(self.images)), 0, 0
-        self.grad_clip = t.grad_clip
-
-    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """A shuffled pass over the training split, as a DataLoader with shuffle=True."""
-        if self.pos >= len(self.order):
-            self.order, self.pos = torch.randperm(len(self.images)), 0
-        idx = self.order[self.pos : self.pos + self.batch_size]
-        self.pos += self.batch_size
-        return self.images[idx], self.labels[idx]
-
-    def step(self) -> None:
-        clean, y = self.batch()
-        y = torch.where(torch.rand(len(y)) < self.label_dropout, torch.full_like(y, self.null), y)
-        noise = torch.randn_like(clean)
-        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(clean),)).long()
-        noisy = self.scheduler.add_noise(clean, noise, timesteps)
-        pred = self.unet(noisy, timesteps, class_labels=y, return_dict=False)[0]
-        loss = F.mse_loss(pred.float(), noise.float())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.unet.parameters(), self.grad_clip)
-        self.opt.step()
-        self.lr_scheduler.step()
-        self.opt.zero_grad()
-        self.ema.step(self.unet.parameters())
-        self.steps += 1
-
-    def sample(self, labels: torch.Tensor) -> torch.Tensor:
-        from difftrain.data.memory import to_uint8
-
-        self.ema.store(self.unet.parameters())
-        self.ema.copy_to(self.unet.parameters())
-        try:
-            self.unet.eval()
-            x = diffusers_pipeline(self.unet, self.cfg, labels, self.cfg.sample.steps, self.cfg.sample.guidance)
-        finally:
-            self.ema.restore(self.unet.parameters())
-            self.unet.train()
-        return to_uint8(x)
+        return generate(self.tr.task.ema.model, self.cfg, len(labels), labels=labels, seed=0, steps=steps,
+                        guidance=guidance, batch_size=len(labels))
 
 
 def evaluate(side, n: int) -> dict:
@@ -160,14 +76,23 @@ def evaluate(side, n: int) -> dict:
     labels = cycled_labels(n, 10)
     start = time.perf_counter()
     with torch.random.fork_rng():
-        images = side.sample(labels)
+        images = side.sample(labels, side.cfg.sample.steps, side.cfg.sample.guidance)
     m = digits_metrics(images, labels)
     return {"accuracy": m["accuracy"], "frechet_distance": m["frechet_distance"], "frechet_floor": m["frechet_floor"],
             "classifier_test_accuracy": m["classifier_test_accuracy"], "eval_s": time.perf_counter() - start}
 
 
 def main() -> None:
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--data", choices=("digits", "mnist"), default="digits")
+    known, rest = first.parse_known_args()
+    if known.data == "mnist":
+        from quality_mnist import main as mnist_main
+
+        return mnist_main(sys.argv[1:])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", choices=("digits", "mnist"), default="digits",
+                   help="mnist: real MNIST at 28x28, four sides (bench/quality_mnist.py; see its --help)")
     p.add_argument("--recipe", default="digits")
     p.add_argument("--budget", type=float, default=180.0, help="difftrain's training seconds")
     p.add_argument("--peer-factor", type=float, default=2.0, help="the peer trains this many times as long")
@@ -186,7 +111,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         ours = Ours(args.recipe, Path(tmp) / "ours")
-        peer = Peer(ours.cfg, n_params(ours.tr.task.model), args.peer_hparams)
+        peer = UNetPeer(ours.cfg, n_params(ours.tr.task.model), PEER_HPARAMS[args.peer_hparams], sampler="ddim")
         sides = {"difftrain": ours, "diffusers": peer}
         budget = {"difftrain": args.budget, "diffusers": args.budget * args.peer_factor}
         trained = {k: 0.0 for k in sides}
@@ -218,7 +143,8 @@ def main() -> None:
     ratio = reach["diffusers"] / reach["difftrain"] if reach["difftrain"] and reach["diffusers"] else None
     params = {"difftrain": n_params(ours.tr.task.model), "diffusers": n_params(peer.unet)}
     results = {"machine": machine(), "recipe": args.recipe, "budget_s": budget, "eval_every_s": args.eval_every,
-               "n": args.n, "target": args.target, "quick": args.quick, "peer_hparams": peer.hparams, "params": params,
+               "n": args.n, "target": args.target, "quick": args.quick, "params": params,
+               "peer_hparams": {"name": args.peer_hparams, **peer.hparams},
                "batch_size": {"difftrain": ours.cfg.train.batch_size, "diffusers": peer.batch_size},
                "time_to_target_s": reach, "ratio": ratio,
                "peer_reached_within": None if reach["difftrain"] is None else
