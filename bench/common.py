@@ -15,8 +15,8 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -201,7 +201,7 @@ def matched_unet2d_overrides(target_params: int, image_size: int, in_channels: i
     if error(width) > 0.1:
         width = min(found, key=error)
     params = found[width]
-    return [f"model.name=diffusers_unet2d", f"model.model_channels={width}", f"model.channel_mult={mult}",
+    return ["model.name=diffusers_unet2d", f"model.model_channels={width}", f"model.channel_mult={mult}",
             f"model.num_res_blocks={blocks}", f"model.attention_resolutions={attn}"], params
 
 

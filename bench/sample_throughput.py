@@ -28,7 +28,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    interleaved, machine, matched_unet2d_overrides, median, n_params, setup_threads, table, trainer, write_results,
+    interleaved,
+    machine,
+    matched_unet2d_overrides,
+    median,
+    n_params,
+    setup_threads,
+    table,
+    trainer,
+    write_results,
 )
 
 SAMPLERS = ("ddim", "ddpm", "euler", "heun", "dpmpp-2m", "dpmpp-2m-sde")

@@ -40,7 +40,16 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    ROOT, count_flops, interleaved, machine, matched_unet2d_overrides, median, n_params, setup_threads, table, trainer,
+    ROOT,
+    count_flops,
+    interleaved,
+    machine,
+    matched_unet2d_overrides,
+    median,
+    n_params,
+    setup_threads,
+    table,
+    trainer,
     write_results,
 )
 

@@ -6,8 +6,13 @@ import torch
 from torch import nn
 
 from difftrain.checkpoint import (
-    CheckpointError, list_checkpoints, load_checkpoint, load_model_state, newest_valid_checkpoint,
-    prune_checkpoints, save_checkpoint,
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    load_model_state,
+    newest_valid_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
 )
 
 

@@ -14,15 +14,13 @@ from safetensors.torch import save_file
 from difftrain.cli import main
 from difftrain.config import Config, ConfigError, DataConfig, _all_keys, config_from_dict, load_config, recipe_names
 from difftrain.config_checks import CHECKED_WHERE_USED, RULES
-from difftrain.data import DataError, load_data
-from difftrain.data import shard_writer
+from difftrain.data import DataError, load_data, shard_writer
 from difftrain.data.folder import load_folder_splits
 from difftrain.data.fonts import read_fonts_file
 from difftrain.data.inspect import inspect_source
 from difftrain.data.shards import read_shard, write_shards
 from difftrain.generation import write_npz, write_png_dir
 from tests.test_datasets_shards import make_folder
-
 
 # --- config values (#9) -----------------------------------------------------------------------
 

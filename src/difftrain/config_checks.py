@@ -20,7 +20,8 @@ import math
 import re
 import types
 import typing
-from typing import Any, Callable, Union
+from collections.abc import Callable
+from typing import Any, Union
 
 MAX_SEED = 2**32 - 1  # numpy and scikit-learn take seeds below 2**32
 MAX_SIDE = 8192  # image sides: 8192 x 8192 RGB is 200 MB a picture, beyond any data set used with diffusion models

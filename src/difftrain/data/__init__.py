@@ -10,13 +10,13 @@ class DataError(ValueError):
 
 # Defined before the loaders are imported: they raise it and import it from here.
 from difftrain.config import DataConfig
+from difftrain.data.cifar import load_cifar_splits
 from difftrain.data.digits import load_digits_splits
 from difftrain.data.folder import load_folder_splits
+from difftrain.data.fonts import load_fonts_splits
+from difftrain.data.memory import BatchStream, ImageSet, Splits, to_model_range, to_uint8
 from difftrain.data.mnist import load_mnist_splits
 from difftrain.data.normalize import apply_extras
-from difftrain.data.memory import BatchStream, ImageSet, Splits, to_model_range, to_uint8
-from difftrain.data.cifar import load_cifar_splits
-from difftrain.data.fonts import load_fonts_splits
 from difftrain.data.shards import load_shard_set, load_shards_in_memory
 from difftrain.registry import Registry
 

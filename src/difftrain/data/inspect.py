@@ -24,7 +24,14 @@ from difftrain.data.folder import class_of, list_images, read_image, resolve_cla
 from difftrain.data.fonts import LETTERS, read_fonts_file
 from difftrain.data.images import to_pil
 from difftrain.data.shards import (
-    DECODE_ERRORS, INDEX_NAME, check_count, check_label, decode, is_url, iter_shard, resolve_shards,
+    DECODE_ERRORS,
+    INDEX_NAME,
+    check_count,
+    check_label,
+    decode,
+    is_url,
+    iter_shard,
+    resolve_shards,
 )
 
 NATIVE_SIZE = {"digits": 8, "mnist": 28, "fashion_mnist": 28, "cifar10": 32, "cifar100": 32}

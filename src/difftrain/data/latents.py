@@ -30,7 +30,7 @@ class LatentSet(ImageSet):
     def valid_dtype(dtype: torch.dtype) -> bool:
         return dtype.is_floating_point
 
-    def make_stream(self, *args, **kwargs) -> "LatentStream":
+    def make_stream(self, *args, **kwargs) -> LatentStream:
         return LatentStream(self, *args, **kwargs)
 
 

@@ -45,7 +45,7 @@ class NormalizedSet:
     def __len__(self) -> int:
         return len(self.data)
 
-    def make_stream(self, *args, **kwargs) -> "NormalizedStream":
+    def make_stream(self, *args, **kwargs) -> NormalizedStream:
         return NormalizedStream(BatchStream(self.data, *args, **kwargs), self.mean, self.std)
 
 

@@ -28,9 +28,10 @@ import urllib.parse
 import urllib.request
 import warnings
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 import numpy as np
 import torch

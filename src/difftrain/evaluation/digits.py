@@ -16,8 +16,15 @@ from torch import Tensor
 
 from difftrain.evaluation import classifier
 from difftrain.evaluation.classifier import (  # noqa: F401  (re-exported: the digits metric's public names)
-    FORMAT, NEAR_COPY_PERCENTILE, VERSION, SmallCNN, accuracy, classifier_metrics, digits_reference,
-    format_classifier_report, to_reference_images,
+    FORMAT,
+    NEAR_COPY_PERCENTILE,
+    VERSION,
+    SmallCNN,
+    accuracy,
+    classifier_metrics,
+    digits_reference,
+    format_classifier_report,
+    to_reference_images,
 )
 
 DigitClassifier = SmallCNN

@@ -22,8 +22,8 @@ ODE samplers (Euler, Heun) run in both spaces; samplers that add or remove noise
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from torch import Tensor
 

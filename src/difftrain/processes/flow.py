@@ -11,7 +11,7 @@ under DDPM. Nothing here knows about network architectures.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

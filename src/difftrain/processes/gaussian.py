@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -60,12 +60,12 @@ class Schedule:
     alpha_bar: Tensor
 
     @classmethod
-    def from_betas(cls, betas: Tensor) -> "Schedule":
+    def from_betas(cls, betas: Tensor) -> Schedule:
         return cls(betas=betas, alpha_bar=torch.cumprod(1 - betas, dim=0))
 
     @classmethod
     def make(cls, schedule: str, timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02, *,
-             zero_terminal_snr: bool = False) -> "Schedule":
+             zero_terminal_snr: bool = False) -> Schedule:
         betas = make_betas(schedule, timesteps, beta_start, beta_end)
         return cls.from_betas(rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas)
 

@@ -9,7 +9,7 @@ branches on a sampler's or a process's name.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import Tensor
 

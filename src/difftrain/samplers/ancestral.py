@@ -10,7 +10,7 @@ matching diffusers scheduler (DDPMScheduler incl. learned_range, DDIMScheduler).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -10,7 +10,7 @@ and the second is first order (diffusers instead clips alpha_bar_T to 2^-24).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -12,7 +12,7 @@ noise itself (`processes.denoiser`), and a step from it is its formula's limit (
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -9,8 +9,8 @@ and which keyword options it takes there, and how many model calls a step costs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from difftrain.config import ConfigError
 from difftrain.registry import Registry
