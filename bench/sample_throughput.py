@@ -125,7 +125,7 @@ def main() -> None:
         rows[key] = {**v, "seconds": s, "images_per_s": args.batch / s, "rounds_s": times[key]}
     for steps in step_counts:
         base = rows[f"diffusers ddim {steps}"]["images_per_s"]
-        for key, r in rows.items():
+        for r in rows.values():
             if r["steps"] == steps:
                 r["ratio_vs_diffusers"] = r["images_per_s"] / base
     results = {"machine": machine(), "recipe": args.recipe, "batch": args.batch, "guidance": args.guidance,

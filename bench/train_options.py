@@ -104,7 +104,8 @@ def main() -> None:
              f"after {args.warmup} warm-up steps. `bench/train_options.py`.", "",
              "| variant | steps/s (wall) | ratio | steps per CPU-s | ratio |", "| --- | --- | --- | --- | --- |"]
     for n, v in results["variants"].items():
-        lines.append(f"| {n} | {v['steps_per_s']:.2f} | {v['ratio_wall']:.2f} | {v['steps_per_cpu_s']:.2f} | {v['ratio_cpu']:.2f} |")
+        lines.append(f"| {n} | {v['steps_per_s']:.2f} | {v['ratio_wall']:.2f} | "
+                     f"{v['steps_per_cpu_s']:.2f} | {v['ratio_cpu']:.2f} |")
     for n, e in errors.items():
         lines.append(f"| {n} | failed: {e} | | | |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -17,9 +17,11 @@ TINY = [
 def run_cli(*args: str, check: bool = True, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `python -m difftrain ARGS` in a fresh process."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning"}
-    proc = subprocess.run([sys.executable, "-m", "difftrain", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+    proc = subprocess.run([sys.executable, "-m", "difftrain", *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"difftrain {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+        raise AssertionError(f"difftrain {' '.join(args)} exited {proc.returncode}\n"
+                             f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
 
 

@@ -89,7 +89,8 @@ def test_batch_stream_covers_each_epoch_and_resumes():
     assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
     # Resume from a saved position reproduces the remaining order.
     a = BatchStream(_toy(), 3, seed=2)
-    a.next(); a.next()
+    a.next()
+    a.next()
     state = a.state_dict()
     expected = [a.next()[1] for _ in range(4)]
     b = BatchStream(_toy(), 3, seed=2)
@@ -98,7 +99,8 @@ def test_batch_stream_covers_each_epoch_and_resumes():
 
 
 def test_batch_stream_range_and_flips():
-    data = ImageSet(torch.tensor([[[[0, 255]]]], dtype=torch.uint8).expand(64, 1, 1, 2).contiguous(), torch.zeros(64, dtype=torch.long))
+    data = ImageSet(torch.tensor([[[[0, 255]]]], dtype=torch.uint8).expand(64, 1, 1, 2).contiguous(),
+                    torch.zeros(64, dtype=torch.long))
     x, _ = BatchStream(data, 64, random_flip=True).next()
     assert x.min() == -1 and x.max() == 1
     flipped = (x[:, 0, 0, 0] == 1).float().mean()

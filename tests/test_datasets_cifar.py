@@ -19,7 +19,8 @@ def write_cifar10(root, per_batch=4, test=6, seed=0):
         data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
         labels = [int(i % 10) for i in range(n)]
         with open(folder / name, "wb") as f:
-            pickle.dump({"batch_label": name, "labels": labels, "data": data, "filenames": [f"{i}.png" for i in range(n)]}, f, protocol=2)
+            pickle.dump({"batch_label": name, "labels": labels, "data": data, "filenames": [f"{i}.png" for i in range(n)]}, f,
+                        protocol=2)
         return data, labels
 
     train = [batch(f"data_batch_{i}", per_batch) for i in range(1, 6)]

@@ -91,7 +91,8 @@ SAMPLE_OPTIONS = {
     "--respacing": st.sampled_from(["ddim2", "ddim0", "3", "2,1", "0", "abc", "", "1000000", "ddim", "1,0"]),
     "--guidance": st.sampled_from(["0", "1", "3", "-2", "1e300", "nan", "inf", "abc"]),
     "--guidance-interval": st.sampled_from(["0.1,0.7", "0,1", "0.5,0.5", "0.9,0.1", "a,b", "1", "nan,1", ""]),
-    "--eta": st.sampled_from(["0", "1", "1e300", "-1", "nan"]), "--variance": st.sampled_from(["small", "large", "learned", "auto", "x"]),
+    "--eta": st.sampled_from(["0", "1", "1e300", "-1", "nan"]),
+    "--variance": st.sampled_from(["small", "large", "learned", "auto", "x"]),
     "--spacing": st.sampled_from(["leading", "trailing", "linspace", "karras", "x"]),
     "--classes": st.sampled_from(["all", "3", "0-9", "9-0", "1,4,7", "", "-", "1-", "a", "10", "-1", "1,,2", "0-999999999"]),
     "--ema": st.sampled_from(["ema", "raw", "0.999", "0.5", "abc", "nan", ""]),
@@ -114,7 +115,8 @@ def test_sample_options_work_or_exit_2(tiny_run, tmp_path, capsys, argv):
 
 EVAL_OPTIONS = {
     "--n": FEW, "--steps": FEW, "--batch-size": SMALL, "--seed": SMALL,
-    "--guidance": st.sampled_from(["0", "3", "1e300", "nan", "-inf"]), "--sampler": st.sampled_from(["ddim", "euler", "x"]), "--metric": st.sampled_from(["digits", "fid", "x"]),
+    "--guidance": st.sampled_from(["0", "3", "1e300", "nan", "-inf"]), "--sampler": st.sampled_from(["ddim", "euler", "x"]),
+    "--metric": st.sampled_from(["digits", "fid", "x"]),
     "--ema": st.sampled_from(["ema", "raw", "abc"]), "--device": st.sampled_from(["cpu", "bogus"]),
     "--inception-weights": st.sampled_from(["/nonexistent.pth", ""]),
 }

@@ -122,7 +122,8 @@ def test_euler_karras_sigmas_match_diffusers():
     theirs.set_timesteps(10)
     ts = karras_timesteps(SCHEDULE, 10)
     torch.testing.assert_close(torch.tensor(ts, dtype=torch.float64), theirs.timesteps.double(), rtol=1e-5, atol=1e-3)
-    torch.testing.assert_close(torch.tensor([SCHEDULE.sigma_at(t) for t in ts], dtype=torch.float64), theirs.sigmas[:-1].double(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor([SCHEDULE.sigma_at(t) for t in ts], dtype=torch.float64), theirs.sigmas[:-1].double(),
+                               rtol=1e-5, atol=0)
     x = randn(*SHAPE, seed=4)
     sample = x * (1 + float(theirs.sigmas[0]) ** 2) ** 0.5
     for t in theirs.timesteps:
@@ -152,7 +153,8 @@ def test_dpmpp_karras_matches_diffusers(algorithm, sampler):
     theirs.set_timesteps(8)
     ts = karras_timesteps(SCHEDULE, 8)
     # diffusers rounds Karras timesteps to integers for DPM-Solver; compare the sigmas it uses
-    torch.testing.assert_close(torch.tensor([SCHEDULE.sigma_at(t) for t in ts], dtype=torch.float64), theirs.sigmas[:-1].double(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor([SCHEDULE.sigma_at(t) for t in ts], dtype=torch.float64), theirs.sigmas[:-1].double(),
+                               rtol=1e-5, atol=0)
     x = randn(*SHAPE, seed=7)
     g = torch.Generator().manual_seed(8)
     sample = x

@@ -102,7 +102,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         reason = str(e).split("WeightsUnpickler error:")[-1].strip() or "damaged pickle data"
         raise CheckpointError(f"checkpoint '{path}' is truncated or corrupt: {reason.splitlines()[0]}") from None
     except Exception as e:  # whatever a damaged file makes the zip reader or the unpickler raise
-        raise CheckpointError(f"checkpoint '{path}' is truncated or corrupt: {(str(e) or type(e).__name__).splitlines()[0]}") from None
+        raise CheckpointError(f"checkpoint '{path}' is truncated or corrupt: "
+                              f"{(str(e) or type(e).__name__).splitlines()[0]}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"'{path}' is not a difftrain checkpoint")
     return state

@@ -306,14 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     t.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("sample", help="sample from a trained run", description="Sample from RUN (a run directory or a checkpoint file).")
+    s = sub.add_parser("sample", help="sample from a trained run",
+                       description="Sample from RUN (a run directory or a checkpoint file).")
     s.add_argument("run", help="run directory or checkpoint .pt")
     s.add_argument("--n", type=COUNT_OPTION, default=100, help="number of samples (default 100)")
     s.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
                    help="default: the recipe's; process flow offers euler and heun")
     s.add_argument("--steps", type=COUNT_OPTION, default=None, help="sampling steps; ddpm walks all timesteps unless --respacing")
     s.add_argument("--respacing", default=None, help='guided-diffusion timestep_respacing: "250", "ddim50", "10,15,20"')
-    s.add_argument("--guidance", type=NUMBER_OPTION, default=None, help="classifier-free guidance scale (1 = none, 0 = unconditional)")
+    s.add_argument("--guidance", type=NUMBER_OPTION, default=None,
+                   help="classifier-free guidance scale (1 = none, 0 = unconditional)")
     s.add_argument("--guidance-interval", default=None, metavar="LO,HI",
                    help="guide only where LO <= t/T <= HI (e.g. 0.1,0.7); elsewhere the conditional model")
     s.add_argument("--eta", type=NONNEGATIVE_OPTION, default=None, help="DDIM eta (0 deterministic)")

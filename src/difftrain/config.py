@@ -157,7 +157,8 @@ class TrainConfig:
     resume: str = "auto"  # auto | none | path to a checkpoint
     allow_config_change: bool = False  # resume even when diffusion, model or image-shape keys differ from the checkpoint's
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    devices: int = 1  # > 1: `difftrain train` starts torchrun with this many processes on this machine (batch_size is per process)
+    # > 1: `difftrain train` starts torchrun with this many processes on this machine (batch_size is per process)
+    devices: int = 1
     tensorboard: bool = True
     wandb: str = "none"  # none | online | offline (Weights & Biases; needs the wandb package)
     progress: bool = True

@@ -277,8 +277,8 @@ RULES: dict[str, Rule] = {
 # Strings and booleans: choices are checked (and listed) by the code that uses them; paths when read.
 CHECKED_WHERE_USED = frozenset({
     "recipe", "description",
-    "model.name", "model.init_from", "model.use_scale_shift_norm", "model.resblock_updown", "model.class_embed", "model.pos_embed",
-    "model.qk_norm",
+    "model.name", "model.init_from", "model.use_scale_shift_norm", "model.resblock_updown", "model.class_embed",
+    "model.pos_embed", "model.qk_norm",
     "diffusion.process", "diffusion.schedule", "diffusion.prediction", "diffusion.learn_sigma",
     "diffusion.timestep_sampling", "diffusion.loss_weighting", "diffusion.zero_terminal_snr",
     "data.name", "data.path", "data.random_flip", "data.class_from", "data.strict", "data.test_path", "data.download",

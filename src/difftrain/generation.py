@@ -113,7 +113,8 @@ def generate(model: nn.Module, cfg: Config, n: int, *, labels: Tensor | None = N
     n_batches = -(-n // batch_size)
     # Off a terminal (CI, log files) refresh rarely instead of flooding the log.
     bar = tqdm(total=per_batch * n_batches, disable=not progress, unit="step", leave=False,
-               mininterval=0.1 if sys.stderr.isatty() else 30, desc=f"{sampler} {per_batch} steps x {n_batches} batch{'es' if n_batches > 1 else ''}")
+               mininterval=0.1 if sys.stderr.isatty() else 30,
+               desc=f"{sampler} {per_batch} steps x {n_batches} batch{'es' if n_batches > 1 else ''}")
     out, frames = [], []
     for start in range(0, n, batch_size):
         idx = range(start, min(start + batch_size, n))

@@ -89,7 +89,8 @@ def load_folder_splits(path: str | None, image_size: int, channels: int | None =
         names.append(class_of(f, root, source))
     if skipped:
         shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
-        warnings.warn(f"skipped {len(skipped)} unreadable image(s) under '{root}': {shown} (data.strict=true makes this an error)")
+        warnings.warn(f"skipped {len(skipped)} unreadable image(s) under '{root}': {shown} "
+                      "(data.strict=true makes this an error)")
     if not arrays:
         raise DataError(f"none of the {len(files)} images under '{root}' could be read")
 

@@ -48,7 +48,8 @@ def read_fonts_file(path: str | Path) -> tuple[np.ndarray, list[str]]:
     except DataError:
         raise
     except Exception as e:  # a damaged zip, .npy header or CSV can raise almost anything (zlib.error, RuntimeError, ...)
-        raise DataError(f"cannot read the fonts file '{path}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise DataError(f"cannot read the fonts file '{path}': "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if images.ndim != 4 or images.shape[1] != 26:
         raise DataError(f"'{path}': images must be (fonts, 26, H, W), got {images.shape}")
     if len(fonts) != len(images):
@@ -120,7 +121,8 @@ def load_fonts_splits(path: str | None, image_size: int = 32, test_fraction: flo
     x = torch.from_numpy(images)  # (F, 26, H, W)
     if image_size != x.shape[-1]:
         x = F.interpolate(x.float().flatten(0, 1)[:, None], size=(image_size, image_size), mode="bilinear",
-                          antialias=True, align_corners=False).round().clamp(0, 255).to(torch.uint8).view(n, 26, image_size, image_size)
+                          antialias=True, align_corners=False).round().clamp(0, 255).to(torch.uint8)
+        x = x.view(n, 26, image_size, image_size)
     n_test = min(int(round(n * test_fraction)), n - 1)  # at least one font trains
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
 

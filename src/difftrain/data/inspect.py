@@ -53,12 +53,14 @@ class Report:
         lines = [f"source   {self.source}", f"kind     {self.kind}"]
         lines.append("images   " + ", ".join(f"{split} {n}" for split, n in self.counts.items()))
         lines.append(f"classes  {len(self.class_names)}" + (f": {', '.join(self.class_names[:30])}"
-                                                         + (" ..." if len(self.class_names) > 30 else "") if self.class_names else " (unlabelled)"))
+                                                         + (" ..." if len(self.class_names) > 30 else "")
+                                                         if self.class_names else " (unlabelled)"))
         for split, counter in self.class_counts.items():
             if self.class_names:
                 per = [counter.get(c, 0) for c in self.class_names]
                 lines.append(f"per class ({split}) min {min(per)}, max {max(per)}"
-                             + (f"; empty: {', '.join(c for c in self.class_names if not counter.get(c))}" if min(per) == 0 else ""))
+                             + (f"; empty: {', '.join(c for c in self.class_names if not counter.get(c))}"
+                                if min(per) == 0 else ""))
         lines.append("sizes    " + ", ".join(f"{s} ({n})" for s, n in self.sizes.most_common(8))
                      + (f" and {len(self.sizes) - 8} more" if len(self.sizes) > 8 else ""))
         lines.append(f"unreadable {len(self.unreadable)}")

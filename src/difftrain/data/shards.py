@@ -327,7 +327,8 @@ def load_shard_set(spec: str, image_size: int, channels: int | None = None, *, n
                     num_workers=num_workers, prefetch=prefetch, skipped=list(meta.get("skipped", [])) if meta else [])
 
 
-def load_shards_in_memory(spec: str, image_size: int, channels: int | None = None, class_names: list[str] | None = None) -> ImageSet:
+def load_shards_in_memory(spec: str, image_size: int, channels: int | None = None,
+                          class_names: list[str] | None = None) -> ImageSet:
     """A (small) shard source read whole into memory, e.g. the validation split."""
     urls, meta = resolve_shards(spec)
     channels = channels or 3
