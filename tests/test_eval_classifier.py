@@ -137,3 +137,12 @@ def test_real_mnist(tmp_path):
     bad = evaluate_samples(noise, torch.arange(1000) % 10, "classifier", data=data, cache=tmp_path)
     assert bad["accuracy"] < 0.3 and bad["frechet_distance"] > 20 * bad["frechet_floor"]
     print(format_report(bad))
+
+
+def test_classifier_trains_when_first_asked_under_no_grad(tmp_path, monkeypatch):
+    """Scoring inside torch.no_grad() (as a sampling loop does) with no classifier cached yet trains it anyway."""
+    monkeypatch.setattr(C, "train_spec", lambda reference: C.TrainSpec(steps=20))
+    reference = C.digits_reference(8)
+    with torch.no_grad():
+        clf = C.load_classifier(reference, folder=tmp_path)
+    assert clf.path.is_file() and clf.test_accuracy > 0.3

@@ -186,16 +186,17 @@ def train_classifier(reference: Reference, spec: TrainSpec) -> tuple[SmallCNN, f
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for _ in range(spec.steps):
-            if pos + batch_size > len(x):
-                perm, pos = torch.randperm(len(x), generator=generator), 0
-            idx = perm[pos : pos + batch_size]
-            pos += batch_size
-            loss = F.cross_entropy(model(_random_shift(x[idx], max_shift, generator)), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+        with torch.enable_grad():  # a caller may score samples under torch.no_grad() with no classifier cached yet
+            for _ in range(spec.steps):
+                if pos + batch_size > len(x):
+                    perm, pos = torch.randperm(len(x), generator=generator), 0
+                idx = perm[pos : pos + batch_size]
+                pos += batch_size
+                loss = F.cross_entropy(model(_random_shift(x[idx], max_shift, generator)), y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
     finally:
         torch.set_num_threads(threads)
     model.eval()
