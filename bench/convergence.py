@@ -1,0 +1,209 @@
+"""Convergence options measured: each alone and the best combination against today's recipe, same budget, same seeds.
+
+Every arm is a real `difftrain train RECIPE ...` run with the same image budget and seed (so the same
+number of optimizer steps; the options change the loss, not the cost of a step), scored by
+`difftrain eval RUN --n N` with the classifier-feature metric (conditional accuracy, Fréchet distance
+in the classifier's features, the real-data floor beside it). Arms:
+
+    baseline            the recipe as shipped
+    edm                 diffusion.process=edm (Karras et al. 2022 preconditioning, log-normal sigmas, EDM weighting)
+    min_snr             diffusion.loss_weighting=min_snr diffusion.snr_gamma=5 (Hang et al. 2023)
+    offset_noise        diffusion.offset_noise=0.1
+    zero_terminal_snr   diffusion.zero_terminal_snr=true, v-prediction, trailing spacing (Lin et al. 2024)
+    v_cosine            digits only: diffusion.prediction=v diffusion.schedule=cosine (what the `mnist` recipe uses)
+    eps_linear          mnist only: diffusion.prediction=eps diffusion.schedule=linear (what `mnist` moved away from)
+    phema               train.posthoc_ema=[0.05,0.1]: the same training as baseline; scored at the best of
+                        sigma_rel 0.05 / 0.1 / 0.2 reconstructed by `difftrain ema` (EDM2, Karras et al. 2024).
+                        Picking the best width on the scored samples favours this arm slightly.
+    best                the arms whose mean Fréchet distance beat baseline's by more than both runs' seed
+                        spread, combined (edm replaces the DDPM-only options when it wins)
+
+A difference smaller than the spread between seeds is reported as a tie.
+
+    .venv/bin/python bench/convergence.py --data digits                  # 350 steps of batch 128, 2 seeds, n=1000
+    .venv/bin/python bench/convergence.py --data mnist --steps 10        # 12k images of batch 32, 2 seeds, n=1000
+    .venv/bin/python bench/convergence.py --data digits --quick          # plumbing: 40 steps, 1 seed, n=200
+
+Writes bench/results/convergence-DATA.json, .md and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import ROOT, machine, table, write_results
+
+DIFFTRAIN = str(Path(sys.executable).with_name("difftrain"))
+ARMS = {
+    "baseline": [],
+    "edm": ["diffusion.process=edm"],
+    "min_snr": ["diffusion.loss_weighting=min_snr", "diffusion.snr_gamma=5"],
+    "offset_noise": ["diffusion.offset_noise=0.1"],
+    "zero_terminal_snr": ["diffusion.zero_terminal_snr=true", "diffusion.prediction=v", "sample.spacing=trailing"],
+    "phema": ["train.posthoc_ema=[0.05,0.1]"],
+    # the parameterisation the `mnist` recipe moved to, tried on digits; and on MNIST the one it left
+    "v_cosine": ["diffusion.prediction=v", "diffusion.schedule=cosine"],
+    "eps_linear": ["diffusion.prediction=eps", "diffusion.schedule=linear"],
+}
+DATA_ARMS = {"digits": [a for a in ARMS if a != "eps_linear"], "mnist": [a for a in ARMS if a != "v_cosine"]}
+DDPM_ONLY = ("min_snr", "offset_noise", "zero_terminal_snr", "v_cosine", "eps_linear")
+SIGMA_RELS = "0.05,0.1,0.2"
+DATA = {  # recipe, image budget, extra overrides
+    "digits": ("digits", 350 * 128, []),
+    "mnist": ("mnist", 12_000, ["data.path=/work/shared/data/mnist"]),
+}
+QUIET = ["train.progress=false", "train.tensorboard=false", "train.sample_every=0", "train.checkpoint_every=100000"]
+
+
+def run(cmd: list[str]) -> None:
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+
+
+def train_and_score(arm: str, overrides: list[str], seed: int, args, tmp: Path) -> dict:
+    recipe, images, extra = DATA[args.data]
+    run_dir = tmp / f"{arm}-{seed}"
+    start = time.perf_counter()
+    run([DIFFTRAIN, "train", recipe, f"run_dir={run_dir}", f"train.seed={seed}", f"train.budget={images}_images",
+         *QUIET, *extra, *overrides])
+    train_s = time.perf_counter() - start
+    out = run_dir / "score.json"
+    sampling = ["--steps", str(args.steps)] if args.steps else []
+    if any(o.startswith("train.posthoc_ema=") for o in overrides):
+        run([DIFFTRAIN, "ema", str(run_dir), "--sigma-rel", SIGMA_RELS, "--score", "--n", str(args.n), "--quiet",
+             "--json", str(out), *sampling])
+        rows = json.loads(out.read_text())
+        best = min(rows, key=lambda r: r["frechet_distance"])
+        result = {**best, "phema_widths": {r["sigma_rel"]: r["frechet_distance"] for r in rows}}
+    else:
+        run([DIFFTRAIN, "eval", str(run_dir), "--n", str(args.n), "--quiet", "--json", str(out), *sampling])
+        result = json.loads(out.read_text())
+    row = {"arm": arm, "seed": seed, "train_s": train_s, "overrides": overrides, "accuracy": result["accuracy"],
+           "frechet_distance": result["frechet_distance"], "frechet_floor": result["frechet_floor"],
+           "near_copy_fraction": result.get("near_copy_fraction")}
+    if "phema_widths" in result:
+        row["phema_widths"], row["sigma_rel"] = result["phema_widths"], result["sigma_rel"]
+    print(f"{arm:18s} seed {seed}  accuracy {row['accuracy']:.3f}  Fréchet {row['frechet_distance']:.2f} "
+          f"(floor {row['frechet_floor']:.2f})  train {train_s:.0f} s", file=sys.stderr, flush=True)
+    return row
+
+
+def summary(rows: list[dict]) -> dict[str, dict]:
+    by_arm: dict[str, dict] = {}
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        mine = [r for r in rows if r["arm"] == arm]
+        fd = [r["frechet_distance"] for r in mine]
+        by_arm[arm] = {"fd_mean": statistics.mean(fd), "fd_spread": max(fd) - min(fd),
+                       "acc_mean": statistics.mean(r["accuracy"] for r in mine), "seeds": len(mine),
+                       "train_s_mean": statistics.mean(r["train_s"] for r in mine)}
+    base = by_arm.get("baseline")
+    for s in by_arm.values():
+        if base:
+            gap = base["fd_mean"] - s["fd_mean"]
+            s["vs_baseline"] = gap / base["fd_mean"]
+            s["verdict"] = ("win" if gap > max(base["fd_spread"], s["fd_spread"]) else
+                            "loss" if -gap > max(base["fd_spread"], s["fd_spread"]) else "tie")
+    return by_arm
+
+
+def best_combination(by_arm: dict[str, dict]) -> list[str]:
+    winners = [a for a in ARMS if a != "baseline" and by_arm.get(a, {}).get("verdict") == "win"]
+    if "edm" in winners:
+        winners = [a for a in winners if a not in DDPM_ONLY]
+    return winners
+
+
+def plot(rows: list[dict], by_arm: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    arms = list(by_arm)
+    for i, arm in enumerate(arms):
+        mine = [r for r in rows if r["arm"] == arm]
+        ax.scatter([r["frechet_distance"] for r in mine], [r["accuracy"] for r in mine], label=arm, color=f"C{i}")
+    ax.axvline(rows[0]["frechet_floor"], color="gray", ls=":", label="real-data floor")
+    ax.set(xscale="log", xlabel="Fréchet distance (classifier features), lower is better",
+           ylabel="conditional accuracy", title=title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def markdown(results: dict, args) -> list[str]:
+    m, by_arm, rows = results["machine"], results["summary"], results["rows"]
+    recipe, images, _ = DATA[args.data]
+    md = [f"# Convergence options on `{args.data}`: each alone and combined, against the `{recipe}` recipe", "",
+          f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}, {m['date']}. `bench/convergence.py --data "
+          f"{args.data}`{' --quick' if args.quick else ''}: every arm trains the `{recipe}` recipe with "
+          f"train.budget={images}_images (the same optimizer steps) for seeds {', '.join(map(str, args.seeds))}, then "
+          f"`difftrain eval --n {args.n}{f' --steps {args.steps}' if args.steps else ''}` scores its EMA weights "
+          f"with the classifier-feature metric (real-data "
+          f"Fréchet floor {rows[0]['frechet_floor']:.2f} at n={args.n}). A difference in mean Fréchet distance "
+          "smaller than the larger of the two arms' seed spreads is a **tie**.", "",
+          f"Best combination: {' + '.join(results['best']) or 'none (no option won)'}.", ""]
+    md += table(["arm", "accuracy (mean)", "Fréchet (mean)", "seed spread", "vs baseline", "verdict", "train s"],
+                [[a, f"{s['acc_mean']:.3f}", f"{s['fd_mean']:.2f}", f"{s['fd_spread']:.2f}",
+                  f"{-100 * s.get('vs_baseline', 0):+.0f}%", s.get("verdict", ""), f"{s['train_s_mean']:.0f}"]
+                 for a, s in by_arm.items()])
+    md += ["", "Per run:", ""]
+    md += table(["arm", "seed", "accuracy", "Fréchet", "near-copies", "note"],
+                [[r["arm"], r["seed"], f"{r['accuracy']:.3f}", f"{r['frechet_distance']:.2f}",
+                  f"{r['near_copy_fraction']:.3f}" if r.get("near_copy_fraction") is not None else "",
+                  (f"sigma_rel {r['sigma_rel']:g} of " + ", ".join(f"{k}: {v:.2f}" for k, v in r["phema_widths"].items()))
+                  if "phema_widths" in r else ""] for r in rows])
+    md += ["", f"Load average at the end: {', '.join(f'{x:.2f}' for x in m['load_average'])} "
+               "(scores do not depend on load: the budget is an image count)."]
+    return md
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", choices=list(DATA), default="digits")
+    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1])
+    p.add_argument("--arms", default=None, help="comma-separated, from " + ", ".join(ARMS) + " (default: the data set's)")
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=0, help="sampler steps when scoring (default: the recipe's)")
+    p.add_argument("--quick", action="store_true", help="40 steps, seed 0, n=200: checks the plumbing")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    if args.quick:
+        recipe, _, extra = DATA[args.data]
+        DATA[args.data] = (recipe, 40 * 128, extra)
+        args.seeds, args.n = [0], 200
+    arms = args.arms.split(",") if args.arms else DATA_ARMS[args.data]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise SystemExit(f"unknown arm(s) {unknown}; choose from {', '.join(ARMS)}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for arm in arms:
+            for seed in args.seeds:
+                rows.append(train_and_score(arm, ARMS[arm], seed, args, Path(tmp)))
+        by_arm = summary(rows)
+        best = best_combination(by_arm)
+        if len(best) > 1:  # one winner alone is already measured
+            combined = [o for a in best for o in ARMS[a]]
+            for seed in args.seeds:
+                rows.append(train_and_score("best", combined, seed, args, Path(tmp)))
+            by_arm = summary(rows)
+    results = {"machine": machine(), "data": args.data, "budget_images": DATA[args.data][1], "seeds": args.seeds,
+               "n": args.n, "rows": rows, "summary": by_arm, "best": best}
+    name = f"convergence-{args.data}" + ("-quick" if args.quick else "")
+    out = write_results(name, results, markdown(results, args), Path(args.out) if args.out else None)
+    plot(rows, by_arm, out.with_suffix(".png"), f"{args.data}: convergence options at a fixed image budget")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT / "bench"))
+    main()
