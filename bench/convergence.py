@@ -24,21 +24,28 @@ A difference smaller than the spread between seeds is reported as a tie.
     .venv/bin/python bench/convergence.py --data mnist --steps 10        # 12k images of batch 32, 2 seeds, n=1000
     .venv/bin/python bench/convergence.py --data digits --quick          # plumbing: 40 steps, 1 seed, n=200
 
-Writes bench/results/convergence-DATA.json, .md and .png.
+`--jobs 2` runs two arms side by side, each subprocess at (cores / jobs) torch threads: on 2 cores
+that keeps both busy through the single-threaded parts of a run. Scores do not depend on it (the
+budget is an image count); the train seconds do.
+
+Writes bench/results/convergence-DATA.json, .md and .png, and rewrites bench/results/convergence.md,
+the summary of every data set measured so far.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import ROOT, machine, table, write_results
+from common import RESULTS, ROOT, machine, table, write_results
 
 DIFFTRAIN = str(Path(sys.executable).with_name("difftrain"))
 ARMS = {
@@ -62,8 +69,8 @@ DATA = {  # recipe, image budget, extra overrides
 QUIET = ["train.progress=false", "train.tensorboard=false", "train.sample_every=0", "train.checkpoint_every=100000"]
 
 
-def run(cmd: list[str]) -> None:
-    done = subprocess.run(cmd, capture_output=True, text=True)
+def run(cmd: list[str], threads: int) -> None:
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
 
@@ -73,18 +80,19 @@ def train_and_score(arm: str, overrides: list[str], seed: int, args, tmp: Path) 
     run_dir = tmp / f"{arm}-{seed}"
     start = time.perf_counter()
     run([DIFFTRAIN, "train", recipe, f"run_dir={run_dir}", f"train.seed={seed}", f"train.budget={images}_images",
-         *QUIET, *extra, *overrides])
+         *QUIET, *extra, *overrides], args.threads)
     train_s = time.perf_counter() - start
     out = run_dir / "score.json"
     sampling = ["--steps", str(args.steps)] if args.steps else []
     if any(o.startswith("train.posthoc_ema=") for o in overrides):
         run([DIFFTRAIN, "ema", str(run_dir), "--sigma-rel", SIGMA_RELS, "--score", "--n", str(args.n), "--quiet",
-             "--json", str(out), *sampling])
+             "--json", str(out), *sampling], args.threads)
         rows = json.loads(out.read_text())
         best = min(rows, key=lambda r: r["frechet_distance"])
         result = {**best, "phema_widths": {r["sigma_rel"]: r["frechet_distance"] for r in rows}}
     else:
-        run([DIFFTRAIN, "eval", str(run_dir), "--n", str(args.n), "--quiet", "--json", str(out), *sampling])
+        run([DIFFTRAIN, "eval", str(run_dir), "--n", str(args.n), "--quiet", "--json", str(out), *sampling],
+            args.threads)
         result = json.loads(out.read_text())
     row = {"arm": arm, "seed": seed, "train_s": train_s, "overrides": overrides, "accuracy": result["accuracy"],
            "frechet_distance": result["frechet_distance"], "frechet_floor": result["frechet_floor"],
@@ -144,7 +152,8 @@ def markdown(results: dict, args) -> list[str]:
     m, by_arm, rows = results["machine"], results["summary"], results["rows"]
     recipe, images, _ = DATA[args.data]
     md = [f"# Convergence options on `{args.data}`: each alone and combined, against the `{recipe}` recipe", "",
-          f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}, {m['date']}. `bench/convergence.py --data "
+          f"{m['cpu']}, {results['jobs']} run(s) side by side at {results['threads']} torch thread(s) each, "
+          f"torch {m['torch']}, {m['date']}. `bench/convergence.py --data "
           f"{args.data}`{' --quick' if args.quick else ''}: every arm trains the `{recipe}` recipe with "
           f"train.budget={images}_images (the same optimizer steps) for seeds {', '.join(map(str, args.seeds))}, then "
           f"`difftrain eval --n {args.n}{f' --steps {args.steps}' if args.steps else ''}` scores its EMA weights "
@@ -174,34 +183,59 @@ def main() -> None:
     p.add_argument("--arms", default=None, help="comma-separated, from " + ", ".join(ARMS) + " (default: the data set's)")
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--steps", type=int, default=0, help="sampler steps when scoring (default: the recipe's)")
+    p.add_argument("--jobs", type=int, default=1, help="arms trained side by side, at cores / jobs threads each")
+    p.add_argument("--images", type=int, default=None, help="image budget per run (default: the data set's)")
     p.add_argument("--quick", action="store_true", help="40 steps, seed 0, n=200: checks the plumbing")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    recipe, images, extra = DATA[args.data]
     if args.quick:
-        recipe, _, extra = DATA[args.data]
-        DATA[args.data] = (recipe, 40 * 128, extra)
-        args.seeds, args.n = [0], 200
+        images, args.seeds, args.n = 40 * 128, [0], 200
+    DATA[args.data] = (recipe, args.images or images, extra)
+    args.threads = max(1, (os.cpu_count() or 1) // args.jobs)
     arms = args.arms.split(",") if args.arms else DATA_ARMS[args.data]
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise SystemExit(f"unknown arm(s) {unknown}; choose from {', '.join(ARMS)}")
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for arm in arms:
-            for seed in args.seeds:
-                rows.append(train_and_score(arm, ARMS[arm], seed, args, Path(tmp)))
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
+        def measure(runs: list[tuple[str, list[str], int]]) -> list[dict]:
+            return list(pool.map(lambda r: train_and_score(*r, args, Path(tmp)), runs))
+
+        rows = measure([(arm, ARMS[arm], seed) for arm in arms for seed in args.seeds])
         by_arm = summary(rows)
         best = best_combination(by_arm)
         if len(best) > 1:  # one winner alone is already measured
-            combined = [o for a in best for o in ARMS[a]]
-            for seed in args.seeds:
-                rows.append(train_and_score("best", combined, seed, args, Path(tmp)))
+            rows += measure([("best", [o for a in best for o in ARMS[a]], seed) for seed in args.seeds])
             by_arm = summary(rows)
-    results = {"machine": machine(), "data": args.data, "budget_images": DATA[args.data][1], "seeds": args.seeds,
+    results = {"machine": machine(), "jobs": args.jobs, "threads": args.threads, "data": args.data,
+               "budget_images": DATA[args.data][1], "seeds": args.seeds,
                "n": args.n, "rows": rows, "summary": by_arm, "best": best}
     name = f"convergence-{args.data}" + ("-quick" if args.quick else "")
     out = write_results(name, results, markdown(results, args), Path(args.out) if args.out else None)
     plot(rows, by_arm, out.with_suffix(".png"), f"{args.data}: convergence options at a fixed image budget")
+    if not args.quick and not args.out:
+        (RESULTS / "convergence.md").write_text("\n".join(overview()) + "\n")
+
+
+def overview() -> list[str]:
+    """bench/results/convergence.md: one summary table per data set measured, with links to the details."""
+    md = ["# Convergence options, measured", "",
+          "Each option alone against the shipped recipe at the same image budget and seeds, scored at n >= 1000 "
+          "by `bench/convergence.py`. A difference smaller than the seed spread is a tie. Details and plots: "
+          "the linked files.", ""]
+    for path in sorted(RESULTS.glob("convergence-*.json")):
+        if path.stem.endswith("-quick"):
+            continue
+        res = json.loads(path.read_text())
+        by_arm, rows = res["summary"], res["rows"]
+        md += [f"## `{res['data']}`: {res['budget_images']} images per run, seeds {res['seeds']}, n={res['n']} "
+               f"(floor {rows[0]['frechet_floor']:.2f})", "",
+               f"[{path.stem}.md]({path.stem}.md), ![{res['data']}]({path.stem}.png)", ""]
+        md += table(["arm", "accuracy", "Fréchet", "seed spread", "vs baseline", "verdict"],
+                    [[a, f"{s['acc_mean']:.3f}", f"{s['fd_mean']:.2f}", f"{s['fd_spread']:.2f}",
+                      f"{-100 * s.get('vs_baseline', 0):+.0f}%", s.get("verdict", "")] for a, s in by_arm.items()])
+        md += ["", f"Best combination: {' + '.join(res['best']) or 'none (no option won)'}.", ""]
+    return md
 
 
 if __name__ == "__main__":
