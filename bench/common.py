@@ -118,6 +118,37 @@ def trainer(recipe: str, overrides: list[str], run_dir: Path):
     return Engine(cfg)
 
 
+class DifftrainSide:
+    """One difftrain run through the training Engine, stepped by a benchmark that takes turns between sides.
+
+    With `budget_s` (training seconds), the lr schedule decays over that budget, as `train.budget` does;
+    the caller adds the seconds it trained to `.trained`. `sample_batch=0` samples in one batch."""
+
+    def __init__(self, recipe: str, overrides: list[str], run_dir: Path, budget_s: float | None = None,
+                 label: str | None = None, sample_batch: int = 500):
+        self.tr = trainer(recipe, overrides, run_dir)
+        self.cfg, self.recipe, self.budget_s, self.sample_batch = self.tr.cfg, recipe, budget_s, sample_batch
+        self.label = label or f"difftrain {recipe}"
+        self.trained = 0.0
+
+    def step(self) -> None:
+        from difftrain.training.schedules import lr_at
+
+        progress = self.trained / self.budget_s if self.budget_s else None
+        self.tr.train_step(lr_at(self.tr.step, self.cfg, progress=progress))
+        self.tr.step += 1
+
+    @property
+    def steps(self) -> int:
+        return self.tr.step
+
+    def sample(self, labels: Tensor, steps: int, guidance: float) -> Tensor:
+        from difftrain.generation import generate
+
+        return generate(self.tr.task.ema.model, self.cfg, len(labels), labels=labels, seed=0, steps=steps,
+                        guidance=guidance, batch_size=self.sample_batch or len(labels))
+
+
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -39,37 +39,17 @@ import time
 from pathlib import Path
 
 import torch
-from common import machine, matmul_gflops, n_params, setup_threads, table, trainer, write_results
+from common import DifftrainSide, machine, matmul_gflops, n_params, setup_threads, table, write_results
 from peers import DiTFlowPeer, UNetPeer, recipe_hparams
 
 MNIST = "/work/shared/data/mnist"
 UNET, DIT = "mnist", "mnist-dit"  # difftrain's best UNet and best DiT recipes
 
 
-class OursRun:
-    """One difftrain run sized to `budget_s` seconds of training, through the training Engine."""
-
-    def __init__(self, recipe: str, data_path: str, budget_s: float, run_dir: Path, seed: int = 0):
-        self.tr = trainer(recipe, [f"data.path={data_path}", f"train.seed={seed}"], run_dir)
-        self.cfg, self.recipe, self.budget_s = self.tr.cfg, recipe, budget_s
-        self.label = f"difftrain {recipe} ({budget_s / 60:.3g} min run)"
-        self.trained = 0.0
-
-    def step(self) -> None:
-        from difftrain.training.schedules import lr_at
-
-        self.tr.train_step(lr_at(self.tr.step, self.cfg, progress=self.trained / self.budget_s))
-        self.tr.step += 1
-
-    @property
-    def steps(self) -> int:
-        return self.tr.step
-
-    def sample(self, labels: torch.Tensor, steps: int, guidance: float) -> torch.Tensor:
-        from difftrain.generation import generate
-
-        return generate(self.tr.task.ema.model, self.cfg, len(labels), labels=labels, seed=0, steps=steps,
-                        guidance=guidance, batch_size=500)
+def ours_run(recipe: str, data_path: str, budget_s: float, run_dir: Path, seed: int = 0) -> DifftrainSide:
+    """One difftrain run sized to `budget_s` seconds of training."""
+    return DifftrainSide(recipe, [f"data.path={data_path}", f"train.seed={seed}"], run_dir, budget_s,
+                         label=f"difftrain {recipe} ({budget_s / 60:.3g} min run)")
 
 
 class PeerRun:
@@ -94,8 +74,8 @@ def build_sides(args, tmp: Path) -> tuple[list, dict]:
     the second on and at the longest times the factor."""
     budgets = [b * 60 for b in args.budgets]
     longest, peer_budget = max(budgets), max(budgets) * args.peer_factor
-    ours = [OursRun(UNET, args.data_path, b, tmp / f"{UNET}-{b:g}") for b in budgets]
-    dit = OursRun(DIT, args.data_path, longest, tmp / f"{DIT}-{longest:g}")
+    ours = [ours_run(UNET, args.data_path, b, tmp / f"{UNET}-{b:g}") for b in budgets]
+    dit = ours_run(DIT, args.data_path, longest, tmp / f"{DIT}-{longest:g}")
     unet_cfg, dit_cfg = ours[0].cfg, dit.cfg
     unet_peer = UNetPeer(unet_cfg, n_params(ours[0].tr.task.model), recipe_hparams(unet_cfg), sampler="dpmpp")
     m = dit_cfg.model
@@ -140,7 +120,7 @@ def train_all(sides: list, evals: dict, args) -> list[dict]:
                 row = {"side": side.label, "train_s": side.trained, "steps": side.steps,
                        "images": side.steps * side.cfg.train.batch_size, **score(side, args)}
                 rows.append(row)
-                if args.keep and isinstance(side, OursRun) and not pending[id(side)]:
+                if args.keep and isinstance(side, DifftrainSide) and not pending[id(side)]:
                     row["checkpoint"] = str(side.tr.save())  # for `difftrain eval` sweeps afterwards
                 print(f"{side.label:55s} {row['train_s'] / 60:5.1f} min {row['steps']:5d} steps  accuracy "
                       f"{row['accuracy']:.3f}  Fréchet {row['frechet_distance']:.2f} (floor {row['frechet_floor']:.2f})"

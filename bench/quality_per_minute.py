@@ -39,34 +39,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, n_params, setup_threads, table, trainer, write_results  # noqa: E402
+from common import DifftrainSide, machine, n_params, setup_threads, table, write_results  # noqa: E402
 from peers import EXAMPLE_HPARAMS, UNetPeer  # noqa: E402
 
 PEER_HPARAMS = {"recipe": None, "example": EXAMPLE_HPARAMS}  # ours: the digits recipe's train.* values
-
-
-class Ours:
-    """The digits recipe through difftrain's training Engine."""
-
-    def __init__(self, recipe: str, run_dir: Path):
-        self.tr = trainer(recipe, [], run_dir)
-        self.cfg = self.tr.cfg
-
-    def step(self) -> None:
-        from difftrain.training.schedules import lr_at
-
-        self.tr.train_step(lr_at(self.tr.step, self.cfg))
-        self.tr.step += 1
-
-    @property
-    def steps(self) -> int:
-        return self.tr.step
-
-    def sample(self, labels: torch.Tensor, steps: int, guidance: float) -> torch.Tensor:
-        from difftrain.generation import generate
-
-        return generate(self.tr.task.ema.model, self.cfg, len(labels), labels=labels, seed=0, steps=steps,
-                        guidance=guidance, batch_size=len(labels))
 
 
 def evaluate(side, n: int) -> dict:
@@ -110,7 +86,7 @@ def main() -> None:
     setup_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
-        ours = Ours(args.recipe, Path(tmp) / "ours")
+        ours = DifftrainSide(args.recipe, [], Path(tmp) / "ours", sample_batch=0)
         peer = UNetPeer(ours.cfg, n_params(ours.tr.task.model), PEER_HPARAMS[args.peer_hparams], sampler="ddim")
         sides = {"difftrain": ours, "diffusers": peer}
         budget = {"difftrain": args.budget, "diffusers": args.budget * args.peer_factor}
