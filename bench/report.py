@@ -1,6 +1,7 @@
 """Regenerate the README's "Performance" table from bench/results/*.json.
 
-Reads train_throughput.json, sample_throughput.json and quality_per_minute.json (or their
+Reads train_throughput.json, sample_throughput.json, quality_per_minute.json and
+quality_per_minute-mnist.json (or their
 `-quick` variants when a full run is missing; such rows are marked "quick") and replaces the text
 between `<!-- perf:start -->` and `<!-- perf:end -->` in README.md. Missing results leave their rows out.
 
@@ -67,6 +68,10 @@ def render(results: Path) -> str:
                      f"{budget['diffusers']:.0f} s)" + (" (quick)" if quick else ""),
                      _secs(reach["difftrain"]), _secs(reach["diffusers"]),
                      f"{ratio:.2f}x" if ratio else "n/a", "≤ 180 s; peer ≥ 2x as long"])
+    mnist, quick = load(results, "quality_per_minute-mnist")
+    if mnist:
+        machines.append(mnist["machine"] | {"peak": f"{mnist['peak_gflops']:.0f}"})
+        rows += mnist_rows(mnist, quick)
     if not rows:
         return "No results yet: run `make bench`."
     lines = ["| measure | difftrain | diffusers | ratio | target |", "| --- | --- | --- | --- | --- |"]
@@ -82,6 +87,29 @@ def render(results: Path) -> str:
                       f"{BUSY:g} x the cores, of which the benchmark itself is about 1 x): only the ratios mean "
                       "anything, and they are noisy; run `make bench` on an idle machine before quoting these numbers."]
     return "\n".join(lines)
+
+
+def mnist_rows(res: dict, quick: bool) -> list[list[str]]:
+    """One row per training time where both difftrain's `mnist` recipe and a diffusers peer were scored:
+    ours against the best peer there (lowest Fréchet distance); the ratio is the peer's distance over ours."""
+    def minutes(r: dict) -> float:
+        return round(r["train_s"] / 60, 1)
+
+    ours = {minutes(r): r for r in res["rows"] if r["side"].startswith("difftrain mnist (")}
+    peers: dict[float, dict] = {}
+    for r in res["rows"]:
+        if r["side"].startswith("diffusers") and (minutes(r) not in peers or
+                                                   r["frechet_distance"] < peers[minutes(r)]["frechet_distance"]):
+            peers[minutes(r)] = r
+    a, rows = res["args"], []
+    for m in sorted(set(ours) & set(peers)):
+        o, d = ours[m], peers[m]
+        rows.append([f"MNIST 28x28 after {m:g} min of training: accuracy / Fréchet (classifier metric, n={a['n']}, "
+                     f"{a['steps']} steps, guidance {a['guidance']:g}, floor {o['frechet_floor']:.2f}), `mnist` vs "
+                     f"the best peer there, {d['side']}" + (" (quick)" if quick else ""),
+                     f"{o['accuracy']:.3f} / {o['frechet_distance']:.2f}", f"{d['accuracy']:.3f} / {d['frechet_distance']:.2f}",
+                     f"{d['frechet_distance'] / o['frechet_distance']:.2f}x", "accuracy ≥ 0.98, Fréchet ≤ 2x floor"])
+    return rows
 
 
 def update_readme(readme: Path, text: str) -> None:

@@ -37,3 +37,22 @@ def test_report_renders_rows_and_rewrites_only_the_marked_part(tmp_path, report)
     content = readme.read_text()
     assert "old table" not in content and content.startswith("intro\n") and content.endswith("outro\n")
     assert text in content
+
+
+def test_report_puts_mnist_quality_beside_the_best_peer_at_the_same_training_time(tmp_path, report):
+    def row(side, train_s, acc, fd):
+        return {"side": side, "train_s": train_s, "accuracy": acc, "frechet_distance": fd, "frechet_floor": 2.47}
+
+    (tmp_path / "quality_per_minute-mnist.json").write_text(json.dumps({
+        "machine": MACHINE, "peak_gflops": 174.0, "args": {"n": 1000, "steps": 20, "guidance": 2.0},
+        "rows": [row("difftrain mnist (2.5 min run)", 150.1, 0.991, 19.99),
+                 row("difftrain mnist (10 min run)", 600.2, 0.998, 17.36),
+                 row("difftrain mnist-dit (10 min run)", 600.0, 0.805, 25.16),
+                 row("diffusers UNet2DModel + DDPMScheduler", 600.3, 0.613, 248.2),
+                 row("diffusers DiTTransformer2DModel + FlowMatchEuler", 599.9, 0.998, 22.04)]}))
+    text = report.render(tmp_path)
+    mnist = [line for line in text.splitlines() if line.startswith("| MNIST")]
+    assert len(mnist) == 1, text  # 2.5 min has no peer score; the DiT recipe is not the `mnist` row
+    assert "after 10 min" in mnist[0] and "DiTTransformer2DModel" in mnist[0] and "floor 2.47" in mnist[0]
+    assert "| 0.998 / 17.36 | 0.998 / 22.04 | 1.27x |" in mnist[0]
+    assert "174 GFLOP/s" in text
