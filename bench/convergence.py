@@ -7,6 +7,8 @@ in the classifier's features, the real-data floor beside it). Arms:
 
     baseline            the recipe as shipped
     edm                 diffusion.process=edm (Karras et al. 2022 preconditioning, log-normal sigmas, EDM weighting)
+    edm_data_std        the same with diffusion.sigma_data set to the data's std in [-1, 1] (EDM's 0.5 is for
+                        its data sets; digits have 0.75, MNIST 0.62)
     min_snr             diffusion.loss_weighting=min_snr diffusion.snr_gamma=5 (Hang et al. 2023)
     offset_noise        diffusion.offset_noise=0.1
     zero_terminal_snr   diffusion.zero_terminal_snr=true, v-prediction, trailing spacing (Lin et al. 2024)
@@ -20,9 +22,12 @@ in the classifier's features, the real-data floor beside it). Arms:
 
 A difference smaller than the spread between seeds is reported as a tie.
 
-    .venv/bin/python bench/convergence.py --data digits                  # 350 steps of batch 128, 2 seeds, n=1000
-    .venv/bin/python bench/convergence.py --data mnist --steps 10        # 12k images of batch 32, 2 seeds, n=1000
+    .venv/bin/python bench/convergence.py --data digits --jobs 2         # 350 steps of batch 128, 2 seeds, n=1000 (~25 min)
+    .venv/bin/python bench/convergence.py --data mnist --steps 10 --jobs 2   # 24k images of batch 32, 2 seeds, n=1000 (~50 min)
     .venv/bin/python bench/convergence.py --data digits --quick          # plumbing: 40 steps, 1 seed, n=200
+
+`--merge` adds the arms it runs to the saved results of the same data set, budget, seeds and n
+(replacing those arms' old rows), so one more arm does not mean running them all again.
 
 `--jobs 2` runs two arms side by side, each subprocess at (cores / jobs) torch threads: on 2 cores
 that keeps both busy through the single-threaded parts of a run. Scores do not depend on it (the
@@ -51,6 +56,7 @@ DIFFTRAIN = str(Path(sys.executable).with_name("difftrain"))
 ARMS = {
     "baseline": [],
     "edm": ["diffusion.process=edm"],
+    "edm_data_std": ["diffusion.process=edm", "diffusion.sigma_data={sigma_data}"],
     "min_snr": ["diffusion.loss_weighting=min_snr", "diffusion.snr_gamma=5"],
     "offset_noise": ["diffusion.offset_noise=0.1"],
     "zero_terminal_snr": ["diffusion.zero_terminal_snr=true", "diffusion.prediction=v", "sample.spacing=trailing"],
@@ -60,11 +66,13 @@ ARMS = {
     "eps_linear": ["diffusion.prediction=eps", "diffusion.schedule=linear"],
 }
 DATA_ARMS = {"digits": [a for a in ARMS if a != "eps_linear"], "mnist": [a for a in ARMS if a != "v_cosine"]}
+SIGMA_DATA = {"digits": 0.75, "mnist": 0.62}  # std of the training images in [-1, 1]
+EDM_ARMS = ("edm", "edm_data_std")
 DDPM_ONLY = ("min_snr", "offset_noise", "zero_terminal_snr", "v_cosine", "eps_linear")
 SIGMA_RELS = "0.05,0.1,0.2"
 DATA = {  # recipe, image budget, extra overrides
     "digits": ("digits", 350 * 128, []),
-    "mnist": ("mnist", 12_000, ["data.path=/work/shared/data/mnist"]),
+    "mnist": ("mnist", 24_000, ["data.path=/work/shared/data/mnist"]),
 }
 QUIET = ["train.progress=false", "train.tensorboard=false", "train.sample_every=0", "train.checkpoint_every=100000"]
 
@@ -123,10 +131,31 @@ def summary(rows: list[dict]) -> dict[str, dict]:
 
 
 def best_combination(by_arm: dict[str, dict]) -> list[str]:
+    """The winning arms that go together: the best EDM arm replaces the DDPM-only options when one wins."""
     winners = [a for a in ARMS if a != "baseline" and by_arm.get(a, {}).get("verdict") == "win"]
-    if "edm" in winners:
-        winners = [a for a in winners if a not in DDPM_ONLY]
+    edm = [a for a in winners if a in EDM_ARMS]
+    if edm:
+        best_edm = min(edm, key=lambda a: by_arm[a]["fd_mean"])
+        winners = [a for a in winners if a not in DDPM_ONLY and (a not in EDM_ARMS or a == best_edm)]
     return winners
+
+
+def overrides_of(arm: str, data: str) -> list[str]:
+    return [o.format(sigma_data=SIGMA_DATA[data]) for o in ARMS[arm]]
+
+
+def merged(rows: list[dict], args) -> list[dict]:
+    """The saved rows of this data set (same budget, seeds and n) with the arms just run replaced."""
+    path = RESULTS / f"convergence-{args.data}.json"
+    if not path.exists():
+        raise SystemExit(f"--merge: {path} does not exist; run without --merge first")
+    old = json.loads(path.read_text())
+    mine = {"budget_images": DATA[args.data][1], "seeds": args.seeds, "n": args.n}
+    theirs = {k: old.get(k) for k in mine}
+    if theirs != mine:
+        raise SystemExit(f"--merge: {path} was measured with {theirs}, this run with {mine}; they cannot be compared")
+    rerun = {r["arm"] for r in rows} | {"best"}  # the combination is recomputed from the merged table
+    return [r for r in old["rows"] if r["arm"] not in rerun] + rows
 
 
 def plot(rows: list[dict], by_arm: dict, path: Path, title: str) -> None:
@@ -159,7 +188,9 @@ def markdown(results: dict, args) -> list[str]:
           f"`difftrain eval --n {args.n}{f' --steps {args.steps}' if args.steps else ''}` scores its EMA weights "
           f"with the classifier-feature metric (real-data "
           f"Fréchet floor {rows[0]['frechet_floor']:.2f} at n={args.n}). A difference in mean Fréchet distance "
-          "smaller than the larger of the two arms' seed spreads is a **tie**.", "",
+          "smaller than the larger of the two arms' seed spreads is a **tie**."
+          + (f" Arms {', '.join(results['merged'])} were run later and merged in (`--merge`), same budget, seeds "
+             "and n." if results.get("merged") else ""), "",
           f"Best combination: {' + '.join(results['best']) or 'none (no option won)'}.", ""]
     md += table(["arm", "accuracy (mean)", "Fréchet (mean)", "seed spread", "vs baseline", "verdict", "train s"],
                 [[a, f"{s['acc_mean']:.3f}", f"{s['fd_mean']:.2f}", f"{s['fd_spread']:.2f}",
@@ -185,6 +216,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=0, help="sampler steps when scoring (default: the recipe's)")
     p.add_argument("--jobs", type=int, default=1, help="arms trained side by side, at cores / jobs threads each")
     p.add_argument("--images", type=int, default=None, help="image budget per run (default: the data set's)")
+    p.add_argument("--merge", action="store_true", help="add these arms to the saved results of the data set")
     p.add_argument("--quick", action="store_true", help="40 steps, seed 0, n=200: checks the plumbing")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -201,15 +233,18 @@ def main() -> None:
         def measure(runs: list[tuple[str, list[str], int]]) -> list[dict]:
             return list(pool.map(lambda r: train_and_score(*r, args, Path(tmp)), runs))
 
-        rows = measure([(arm, ARMS[arm], seed) for arm in arms for seed in args.seeds])
+        rows = measure([(arm, overrides_of(arm, args.data), seed) for arm in arms for seed in args.seeds])
+        if args.merge:
+            rows = merged(rows, args)
         by_arm = summary(rows)
         best = best_combination(by_arm)
         if len(best) > 1:  # one winner alone is already measured
-            rows += measure([("best", [o for a in best for o in ARMS[a]], seed) for seed in args.seeds])
+            combined = [o for a in best for o in overrides_of(a, args.data)]
+            rows += measure([("best", combined, seed) for seed in args.seeds])
             by_arm = summary(rows)
     results = {"machine": machine(), "jobs": args.jobs, "threads": args.threads, "data": args.data,
                "budget_images": DATA[args.data][1], "seeds": args.seeds,
-               "n": args.n, "rows": rows, "summary": by_arm, "best": best}
+               "n": args.n, "rows": rows, "summary": by_arm, "best": best, "merged": arms if args.merge else []}
     name = f"convergence-{args.data}" + ("-quick" if args.quick else "")
     out = write_results(name, results, markdown(results, args), Path(args.out) if args.out else None)
     plot(rows, by_arm, out.with_suffix(".png"), f"{args.data}: convergence options at a fixed image budget")
