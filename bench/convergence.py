@@ -9,6 +9,8 @@ in the classifier's features, the real-data floor beside it). Arms:
     edm                 diffusion.process=edm (Karras et al. 2022 preconditioning, log-normal sigmas, EDM weighting)
     edm_data_std        the same with diffusion.sigma_data set to the data's std in [-1, 1] (EDM's 0.5 is for
                         its data sets; digits have 0.75, MNIST 0.62)
+    edm_high_noise      mnist only, a diagnosis: edm_data_std with diffusion.p_mean=0 (median training sigma 1
+                        instead of 0.3), to test whether EDM loses there because it rarely trains at high noise
     min_snr             diffusion.loss_weighting=min_snr diffusion.snr_gamma=5 (Hang et al. 2023)
     offset_noise        diffusion.offset_noise=0.1
     zero_terminal_snr   diffusion.zero_terminal_snr=true, v-prediction, trailing spacing (Lin et al. 2024)
@@ -57,6 +59,7 @@ ARMS = {
     "baseline": [],
     "edm": ["diffusion.process=edm"],
     "edm_data_std": ["diffusion.process=edm", "diffusion.sigma_data={sigma_data}"],
+    "edm_high_noise": ["diffusion.process=edm", "diffusion.sigma_data={sigma_data}", "diffusion.p_mean=0"],
     "min_snr": ["diffusion.loss_weighting=min_snr", "diffusion.snr_gamma=5"],
     "offset_noise": ["diffusion.offset_noise=0.1"],
     "zero_terminal_snr": ["diffusion.zero_terminal_snr=true", "diffusion.prediction=v", "sample.spacing=trailing"],
@@ -65,9 +68,10 @@ ARMS = {
     "v_cosine": ["diffusion.prediction=v", "diffusion.schedule=cosine"],
     "eps_linear": ["diffusion.prediction=eps", "diffusion.schedule=linear"],
 }
-DATA_ARMS = {"digits": [a for a in ARMS if a != "eps_linear"], "mnist": [a for a in ARMS if a != "v_cosine"]}
+DATA_ARMS = {"digits": [a for a in ARMS if a not in ("eps_linear", "edm_high_noise")],
+             "mnist": [a for a in ARMS if a != "v_cosine"]}
 SIGMA_DATA = {"digits": 0.75, "mnist": 0.62}  # std of the training images in [-1, 1]
-EDM_ARMS = ("edm", "edm_data_std")
+EDM_ARMS = ("edm", "edm_data_std", "edm_high_noise")
 DDPM_ONLY = ("min_snr", "offset_noise", "zero_terminal_snr", "v_cosine", "eps_linear")
 SIGMA_RELS = "0.05,0.1,0.2"
 DATA = {  # recipe, image budget, extra overrides
