@@ -16,6 +16,8 @@ in the classifier's features, the real-data floor beside it). Arms:
     zero_terminal_snr   diffusion.zero_terminal_snr=true, v-prediction, trailing spacing (Lin et al. 2024)
     v_cosine            digits only: diffusion.prediction=v diffusion.schedule=cosine (what the `mnist` recipe uses)
     eps_linear          mnist only: diffusion.prediction=eps diffusion.schedule=linear (what `mnist` moved away from)
+    dit_adaln           mnist-dit only: the class enters through adaLN (added to the timestep embedding, as
+                        diffusers' DiTTransformer2DModel does) instead of as an extra token
     phema               train.posthoc_ema=[0.05,0.1]: the same training as baseline; scored at the best of
                         sigma_rel 0.05 / 0.1 / 0.2 reconstructed by `difftrain ema` (EDM2, Karras et al. 2024).
                         Picking the best width on the scored samples favours this arm slightly.
@@ -26,6 +28,7 @@ A difference smaller than the spread between seeds is reported as a tie.
 
     .venv/bin/python bench/convergence.py --data digits --jobs 2         # 350 steps of batch 128, 2 seeds, n=1000 (~25 min)
     .venv/bin/python bench/convergence.py --data mnist --steps 10 --jobs 2   # 24k images of batch 32, 2 seeds, n=1000 (~50 min)
+    .venv/bin/python bench/convergence.py --data mnist-dit --jobs 2       # the DiT recipe: class token vs adaLN
     .venv/bin/python bench/convergence.py --data digits --quick          # plumbing: 40 steps, 1 seed, n=200
 
 `--merge` adds the arms it runs to the saved results of the same data set, budget, seeds and n
@@ -64,19 +67,22 @@ ARMS = {
     "offset_noise": ["diffusion.offset_noise=0.1"],
     "zero_terminal_snr": ["diffusion.zero_terminal_snr=true", "diffusion.prediction=v", "sample.spacing=trailing"],
     "phema": ["train.posthoc_ema=[0.05,0.1]"],
+    "dit_adaln": ["model.class_embed=adaln"],
     # the parameterisation the `mnist` recipe moved to, tried on digits; and on MNIST the one it left
     "v_cosine": ["diffusion.prediction=v", "diffusion.schedule=cosine"],
     "eps_linear": ["diffusion.prediction=eps", "diffusion.schedule=linear"],
 }
-DATA_ARMS = {"digits": [a for a in ARMS if a not in ("eps_linear", "edm_high_noise")],
-             "mnist": [a for a in ARMS if a != "v_cosine"]}
-SIGMA_DATA = {"digits": 0.75, "mnist": 0.62}  # std of the training images in [-1, 1]
+DATA_ARMS = {"digits": [a for a in ARMS if a not in ("eps_linear", "edm_high_noise", "dit_adaln")],
+             "mnist": [a for a in ARMS if a not in ("v_cosine", "dit_adaln")],
+             "mnist-dit": ["baseline", "dit_adaln"]}
+SIGMA_DATA = {"digits": 0.75, "mnist": 0.62, "mnist-dit": 1.0}  # std of the training images as the recipe scales them
 EDM_ARMS = ("edm", "edm_data_std", "edm_high_noise")
 DDPM_ONLY = ("min_snr", "offset_noise", "zero_terminal_snr", "v_cosine", "eps_linear")
 SIGMA_RELS = "0.05,0.1,0.2"
 DATA = {  # recipe, image budget, extra overrides
     "digits": ("digits", 350 * 128, []),
     "mnist": ("mnist", 24_000, ["data.path=/work/shared/data/mnist"]),
+    "mnist-dit": ("mnist-dit", 36_000, ["data.path=/work/shared/data/mnist"]),
 }
 QUIET = ["train.progress=false", "train.tensorboard=false", "train.sample_every=0", "train.checkpoint_every=100000"]
 
