@@ -30,7 +30,7 @@ A difference smaller than the spread between seeds is reported as a tie.
 
     .venv/bin/python bench/convergence.py --data digits --jobs 2         # 350 steps of batch 128, 2 seeds, n=1000 (~25 min)
     .venv/bin/python bench/convergence.py --data mnist --steps 10 --jobs 2   # 24k images of batch 32, 2 seeds, n=1000 (~50 min)
-    .venv/bin/python bench/convergence.py --data mnist-dit --jobs 2       # the DiT recipe: class token vs adaLN
+    .venv/bin/python bench/convergence.py --data mnist-dit --jobs 2       # mnist-dit vs adaLN, vs plain data (~25 min)
     .venv/bin/python bench/convergence.py --data digits --quick          # plumbing: 40 steps, 1 seed, n=200
 
 `--merge` adds the arms it runs to the saved results of the same data set, budget, seeds and n
