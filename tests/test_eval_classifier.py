@@ -88,10 +88,23 @@ def test_nearest_distances_in_blocks_match_the_full_matrix():
     g = torch.Generator().manual_seed(0)
     queries = torch.randint(0, 256, (37, 1, 5, 5), dtype=torch.uint8, generator=g)
     reference = torch.randint(0, 256, (101, 1, 5, 5), dtype=torch.uint8, generator=g)
-    full = torch.cdist(queries.float().div(255).flatten(1), reference.float().div(255).flatten(1)).min(1).values
+    # float64 difference form: no cancellation, the reference the blocks must match
+    diff = queries.double().div(255).flatten(1)[:, None] - reference.double().div(255).flatten(1)[None]
+    full = diff.square().sum(-1).sqrt().min(1).values
     blocks = C.nearest_distances(queries, reference, query_batch=8, reference_batch=16)
-    assert torch.allclose(blocks, full, atol=1e-5)
-    assert float(C.nearest_distances(reference[:3], reference).max()) < 1e-3  # each image is its own neighbour
+    # the result is exact up to one float32 rounding of the distance (relative 2^-24)
+    assert torch.allclose(blocks.double(), full, rtol=2**-23, atol=0)
+
+
+def test_nearest_distances_are_exact_for_large_inputs():
+    """At MNIST size float32 cdist's product form cancels (a self-distance of 1.4e-3 on Intel); ours is exact."""
+    g = torch.Generator().manual_seed(1)
+    reference = torch.randint(0, 256, (300, 1, 28, 28), dtype=torch.uint8, generator=g)
+    assert C.nearest_distances(reference[:40], reference).abs().max().item() == 0.0  # each image is its own neighbour
+    near = reference[:5].clone()
+    near[:, 0, 0, 0] ^= 1  # one grey level away: distance exactly 1/255
+    d = C.nearest_distances(near, reference)
+    assert torch.allclose(d.double(), torch.full((5,), 1 / 255, dtype=torch.float64), rtol=2**-23, atol=0)
 
 
 def test_floor_indices_and_cache_key():
