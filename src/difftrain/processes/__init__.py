@@ -1,13 +1,17 @@
 """Diffusion processes: forward noising, training targets and losses. Models are plain callables.
 
-`build_process(cfg.diffusion)` returns the process object named by `diffusion.process` (ddpm, flow,
-edm); training calls its `sample_t`, `training_noise`, `loss` and `t_fraction` (log quartiles); sampling
-its `sampling_sigmas`, `initial_state` and `k_denoiser`, the D(x; sigma) of `processes.denoiser`.
+`build_process(cfg.diffusion)` returns the `Process` (processes/base.py) named by `diffusion.process`
+(ddpm, flow, edm); training calls its `sample_t`, `training_noise`, `loss` and `t_fraction` (log
+quartiles); sampling its `sampling_sigmas`, `initial_state` and `k_denoiser`, the D(x; sigma) of
+`processes.denoiser`. A new process is one file with one class and one `PROCESSES` entry below.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from difftrain.config import ConfigError, DiffusionConfig
+from difftrain.processes.base import ModelFn, Process, bcast
 from difftrain.processes.denoiser import SPACES, Denoiser
 from difftrain.processes.edm import EDM, edm_loss_weight, edm_scalings
 from difftrain.processes.flow import FlowMatching, flow_sigmas, sample_sigma, shift_sigma
@@ -36,7 +40,9 @@ from difftrain.processes.spacing import (
 from difftrain.processes.weighting import min_snr_weight, offset_noise
 from difftrain.registry import Registry
 
-PROCESSES: Registry = Registry("process")
+ProcessBuilder = Callable[[DiffusionConfig], Process]  # cfg.diffusion -> the process, its options checked
+
+PROCESSES: Registry[ProcessBuilder] = Registry("process")
 
 
 @PROCESSES.register("ddpm")
@@ -72,14 +78,16 @@ def _refuse_ddpm_options(cfg: DiffusionConfig, *keys: str) -> None:
             raise ConfigError(f"diffusion.{key} applies to process ddpm only, not {cfg.process}")
 
 
-def build_process(cfg: DiffusionConfig):
+def build_process(cfg: DiffusionConfig) -> Process:
+    """The process named by `cfg.process`, built from the diffusion keys (a ConfigError names a bad one)."""
     return PROCESSES[cfg.process](cfg)
 
 
 __all__ = [
     "EDM", "PREDICTIONS", "PROCESSES", "SCHEDULES", "SPACES", "SPACINGS", "Denoiser", "FlowMatching",
-    "GaussianDiffusion", "Schedule", "build_process", "edm_loss_weight", "edm_scalings", "flow_sigmas", "k_denoiser",
-    "karras_sigmas", "karras_timesteps", "make_betas", "min_snr_weight", "offset_noise", "q_sample",
-    "rescale_zero_terminal_snr", "respaced_timesteps", "sample_sigma", "sampler_timesteps", "shift_sigma",
-    "space_timesteps", "spaced_timesteps", "training_loss", "training_target", "x0_eps_from_output",
+    "GaussianDiffusion", "ModelFn", "Process", "ProcessBuilder", "Schedule", "bcast", "build_process",
+    "edm_loss_weight", "edm_scalings", "flow_sigmas", "k_denoiser", "karras_sigmas", "karras_timesteps", "make_betas",
+    "min_snr_weight", "offset_noise", "q_sample", "rescale_zero_terminal_snr", "respaced_timesteps", "sample_sigma",
+    "sampler_timesteps", "shift_sigma", "space_timesteps", "spaced_timesteps", "training_loss", "training_target",
+    "x0_eps_from_output"
 ]

@@ -19,17 +19,14 @@ about network architectures.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from difftrain.config import ConfigError
+from difftrain.processes.base import ModelFn, Process, bcast
 from difftrain.processes.denoiser import Denoiser
 from difftrain.processes.spacing import karras_sigmas
-from difftrain.processes.weighting import offset_noise
-
-ModelFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def edm_scalings(sigma: Tensor, sigma_data: float = 0.5) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -43,12 +40,8 @@ def edm_loss_weight(sigma: Tensor, sigma_data: float = 0.5) -> Tensor:
     return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
 
 
-def _bcast(sigma: Tensor, like: Tensor) -> Tensor:
-    return sigma.to(like.device, like.dtype).view(-1, *([1] * (like.dim() - 1)))
-
-
-class EDM:
-    """The EDM process: what training and sampling need (see `GaussianDiffusion`).
+class EDM(Process):
+    """The EDM process (the `Process` contract, processes/base.py).
 
     The process's t is sigma itself (float, (B,)); `sample_t` draws it log-normally, `loss` is
     lambda(sigma) ||D - x0||^2 per sample; sampling walks Karras sigmas (rho) from sigma_max to
@@ -73,7 +66,7 @@ class EDM:
 
     def precondition(self, model: ModelFn, x: Tensor, sigma: Tensor) -> Tensor:
         """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) for sigma (B,), in float32 (float64 stays)."""
-        c_skip, c_out, c_in, _ = edm_scalings(_bcast(sigma, x), self.sigma_data)
+        c_skip, c_out, c_in, _ = edm_scalings(bcast(sigma, x), self.sigma_data)
         out = model(c_in * x, self.model_time(sigma))
         out = out if out.dtype == torch.float64 else out.float()
         return c_skip * x + c_out * out
@@ -88,15 +81,11 @@ class EDM:
         distribution's CDF, Phi((ln sigma - p_mean) / p_std), so each quartile gets a quarter of the draws."""
         return 0.5 * (1 + torch.erf((t.float().log() - self.p_mean) / (self.p_std * math.sqrt(2))))
 
-    def training_noise(self, x0: Tensor) -> Tensor:
-        """The noise n of a training batch: N(0, I), plus `offset_noise` per image and channel."""
-        return offset_noise(x0, self.offset_noise)
-
     def loss(self, model: ModelFn, x0: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:
         """Per-sample lambda(sigma) ||D(x0 + sigma n; sigma) - x0||^2 (pixel mean), shape (B,), computed
         as ||F - (x0 - c_skip x) / c_out||^2, its equal (lambda c_out^2 = 1)."""
         n = self.training_noise(x0) if noise is None else noise
-        sigma = _bcast(t, x0)
+        sigma = bcast(t, x0)
         x = x0 + sigma * n
         _, _, c_in, _ = edm_scalings(sigma, self.sigma_data)
         out = model(c_in * x, self.model_time(t))

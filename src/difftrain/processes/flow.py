@@ -11,19 +11,16 @@ under DDPM. Nothing here knows about network architectures.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from difftrain.config import ConfigError
+from difftrain.processes.base import ModelFn, Process, bcast
 from difftrain.processes.denoiser import Denoiser
-from difftrain.processes.weighting import offset_noise
 
 TIMESTEP_SAMPLINGS = ("logit_normal", "uniform", "mode")
 LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
-
-ModelFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def shift_sigma(sigma: Tensor, shift: float) -> Tensor:
@@ -76,12 +73,8 @@ def flow_sigmas(steps: int, shift: float = 1.0, timesteps: int = 1000) -> list[f
     return shift_sigma(lin, shift).float().tolist() + [0.0]
 
 
-def _bcast(sigma: Tensor, like: Tensor) -> Tensor:
-    return sigma.to(like.device, like.dtype).view(-1, *([1] * (like.dim() - 1)))
-
-
-class FlowMatching:
-    """Rectified flow with v-prediction: what training and sampling need (see `GaussianDiffusion`).
+class FlowMatching(Process):
+    """Rectified flow with v-prediction (the `Process` contract, processes/base.py).
 
     The process's t is sigma itself (float, (B,)); `sample_t` draws it, `loss` gives
     per-sample MSE(v_pred, eps - x0); for sampling, `sampling_sigmas`, `initial_state` and
@@ -119,14 +112,10 @@ class FlowMatching:
         """Where noise levels t lie in [0, 1) (the loss quartiles of the training log): sigma itself."""
         return t.float()
 
-    def training_noise(self, x0: Tensor) -> Tensor:
-        """The noise of a training batch: N(0, I), plus `offset_noise` per image and channel."""
-        return offset_noise(x0, self.offset_noise)
-
     def loss(self, model: ModelFn, x0: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:
         """Per-sample weighted MSE between v_pred and the target eps - x0, shape (B,)."""
         eps = self.training_noise(x0) if noise is None else noise
-        s = _bcast(t, x0)
+        s = bcast(t, x0)
         x_t = (1 - s) * x0 + s * eps
         v = model(x_t, self.model_time(t))
         mse = (v.float() - (eps - x0).float()).pow(2).flatten(1).mean(1)
@@ -151,6 +140,6 @@ class FlowMatching:
         def denoise(x_t: Tensor, sigma: float) -> tuple[Tensor, None]:
             s = torch.full((x_t.shape[0],), sigma, device=x_t.device, dtype=torch.float32)
             v = model(x_t, self.model_time(s)).float()
-            return x_t - _bcast(s, v) * v, None
+            return x_t - bcast(s, v) * v, None
 
         return Denoiser(denoise)

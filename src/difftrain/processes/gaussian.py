@@ -10,22 +10,20 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from difftrain.config import ConfigError
+from difftrain.processes.base import ModelFn, Process, bcast
 from difftrain.processes.denoiser import Denoiser
 from difftrain.processes.spacing import sampler_timesteps
-from difftrain.processes.weighting import min_snr_weight, offset_noise
+from difftrain.processes.weighting import min_snr_weight
 
 SCHEDULES = ("linear", "sqrt_linear", "cosine")
 PREDICTIONS = ("eps", "x0", "v")
 WEIGHTINGS = ("none", "min_snr")  # diffusion.loss_weighting of this process (Hang et al. 2023)
-
-ModelFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def make_betas(schedule: str, timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
@@ -120,13 +118,12 @@ class Schedule:
         lo = tt.floor().long().clamp(max=self.timesteps - 2)
         w = tt - lo
         sigma2 = torch.exp(2 * ((1 - w) * log_sigmas[lo] + w * log_sigmas[lo + 1]))
-        return (1 / (1 + sigma2)).to(like.device, like.dtype).view(-1, *([1] * (like.dim() - 1)))
+        return bcast(1 / (1 + sigma2), like)
 
 
 def gather(values: Tensor, t: Tensor, like: Tensor) -> Tensor:
     """values[t] shaped to broadcast over `like` (B, 1, 1, ...), in its dtype and device."""
-    out = values.to(like.device)[t.to(like.device)].to(like.dtype)
-    return out.view(-1, *([1] * (like.dim() - 1)))
+    return bcast(values.to(like.device)[t.to(like.device)], like)
 
 
 def q_sample(s: Schedule, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
@@ -292,12 +289,12 @@ def hybrid_loss(model: ModelFn, s: Schedule, x0: Tensor, t: Tensor, noise: Tenso
     return mse + vlb_weight * s.timesteps * vb
 
 
-class GaussianDiffusion:
-    """The DDPM process bound to a schedule and a prediction type: what training and sampling need.
+class GaussianDiffusion(Process):
+    """The DDPM process bound to a schedule and a prediction type (the `Process` contract, processes/base.py).
 
     `sample_t` draws training timesteps, `loss` gives per-sample losses; for sampling,
     `sampling_sigmas` is the grid, `initial_state` the start and `k_denoiser` D(x; sigma), all in
-    VE space. Every process (see `processes.PROCESSES`) offers these methods.
+    VE space.
     """
 
     name = "ddpm"
@@ -329,10 +326,6 @@ class GaussianDiffusion:
     def t_fraction(self, t: Tensor) -> Tensor:
         """Where timesteps t lie in [0, 1) (the loss quartiles of the training log)."""
         return t.float() * (1 / self.timesteps)
-
-    def training_noise(self, x0: Tensor) -> Tensor:
-        """The noise of a training batch: N(0, I), plus `offset_noise` per image and channel."""
-        return offset_noise(x0, self.offset_noise)
 
     def loss(self, model: ModelFn, x0: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:
         """Per-sample loss (B,): L_simple, or the hybrid loss with learned variance; with

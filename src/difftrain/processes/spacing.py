@@ -11,8 +11,8 @@ from torch import Tensor
 from difftrain.config import ConfigError
 
 
-class Schedule(Protocol):
-    """What the spacings read of a discrete schedule (processes.gaussian.Schedule has it)."""
+class DiscreteSchedule(Protocol):
+    """What the spacings read of a table of integer timesteps (`processes.gaussian.Schedule` has it)."""
 
     @property
     def timesteps(self) -> int: ...
@@ -91,7 +91,7 @@ def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7
     return [float((hi + r * (lo - hi)) ** rho) for r in ramp]
 
 
-def karras_timesteps(schedule: Schedule, steps: int, rho: float = 7.0) -> list[float]:
+def karras_timesteps(schedule: DiscreteSchedule, steps: int, rho: float = 7.0) -> list[float]:
     """Fractional timesteps of the Karras et al. 2022 (eq. 5) sigmas between the schedule's
     sigma_max and sigma_min, as diffusers' `use_karras_sigmas` (timesteps via `_sigma_to_t`)."""
     sigmas = schedule.sigmas
@@ -101,7 +101,7 @@ def karras_timesteps(schedule: Schedule, steps: int, rho: float = 7.0) -> list[f
     return [schedule.t_at(s) for s in karras_sigmas(steps, float(sigmas[0]), float(sigmas[-1]), rho)]
 
 
-def sampler_timesteps(schedule: Schedule, steps: int | None, spacing: str = "trailing", respacing: str = "") -> list:
+def sampler_timesteps(schedule: DiscreteSchedule, steps: int | None, spacing: str = "trailing", respacing: str = "") -> list:
     """The timesteps to walk: `respacing` if given (guided-diffusion), else every timestep when `steps`
     is None, else `steps` spaced by `spacing`."""
     if respacing:

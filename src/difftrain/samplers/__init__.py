@@ -16,6 +16,7 @@ from torch import Tensor
 from difftrain.config import ConfigError
 from difftrain.processes import (
     SPACINGS,
+    Process,
     karras_timesteps,
     respaced_timesteps,
     sampler_timesteps,
@@ -30,12 +31,12 @@ from difftrain.samplers.ode import sample_euler, sample_heun, to_d
 from difftrain.samplers.spec import SAMPLERS, SamplerSpec, register
 
 
-def sampler_names(process=None) -> list[str]:
+def sampler_names(process: Process | None = None) -> list[str]:
     """The sampler names that apply to `process` (all of them when None)."""
     return [n for n in SAMPLERS.names() if process is None or SAMPLERS[n].applies_to(process)]
 
 
-def sampler_spec(process, name: str) -> SamplerSpec:
+def sampler_spec(process: Process, name: str) -> SamplerSpec:
     """The spec of sampler `name`, or a ConfigError naming the samplers that do apply to `process`."""
     spec = SAMPLERS[name]
     why = spec.refusal(process)
@@ -50,19 +51,19 @@ def model_calls(name: str, steps: int) -> int:
     return SAMPLERS[name].model_calls(steps)
 
 
-def sampling_sigmas(process, name: str, steps: int, spacing: str = "trailing", respacing: str = "") -> list[float]:
+def sampling_sigmas(process: Process, name: str, steps: int, spacing: str = "trailing", respacing: str = "") -> list[float]:
     """The sigmas `sample` walks: the process's grid of `steps` (every timestep for a sampler whose
     spec says so, e.g. `ddpm`), or `respacing`'s, ending at 0."""
     spec = sampler_spec(process, name)
     return process.sampling_sigmas(None if spec.every_timestep else steps, spacing, respacing)
 
 
-def sampler_steps(process, name: str, steps: int, spacing: str = "trailing", respacing: str = "") -> int:
+def sampler_steps(process: Process, name: str, steps: int, spacing: str = "trailing", respacing: str = "") -> int:
     """How many steps `sample` takes (progress bars); model calls are `model_calls(name, this)`."""
     return len(sampling_sigmas(process, name, steps, spacing, respacing)) - 1
 
 
-def sample(process, name: str, model_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, *, steps: int,
+def sample(process: Process, name: str, model_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, *, steps: int,
            spacing: str = "trailing", respacing: str = "", clip_x0: bool = False,
            noise: Callable[[Tensor], Tensor] | None = None, progress: Callable | None = None, **options) -> Tensor:
     """Sample from `process` with sampler `name`, starting from unit Gaussian noise `x`.

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from difftrain.config import ConfigError
+from difftrain.processes.denoiser import Denoiser
 from difftrain.samplers.ode import Noise, eps_of
 from difftrain.samplers.spec import register
 
@@ -43,8 +44,8 @@ def sample_ddim(denoiser: Callable, x: Tensor, sigmas: list[float], *, noise: No
     return x
 
 
-def _variance(variance: str, denoiser: Callable) -> str:
-    learned = getattr(denoiser, "learned_variance", False)
+def _variance(variance: str, denoiser: Denoiser) -> str:
+    learned = denoiser.learned_variance
     if variance == "auto":
         return "learned" if learned else "small"
     if variance not in VARIANCES:
@@ -71,7 +72,7 @@ def _log_variance(variance: str, sigma: float, sigma_next: float, v: Tensor | No
 
 @register("ddpm", spaces={"ve": ("variance",)}, every_timestep=True)
 @torch.no_grad()
-def sample_ddpm(denoiser: Callable, x: Tensor, sigmas: list[float], *, noise: Noise = torch.randn_like,
+def sample_ddpm(denoiser: Denoiser, x: Tensor, sigmas: list[float], *, noise: Noise = torch.randn_like,
                 progress: Callable | None = None, variance: str = "auto") -> Tensor:
     """Ancestral sampling, Ho et al. 2020, Algorithm 2, over any decreasing `sigmas`.
 

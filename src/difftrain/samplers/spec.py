@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from difftrain.config import ConfigError
+from difftrain.processes import Process
 from difftrain.registry import Registry
 
 
@@ -28,10 +29,10 @@ class SamplerSpec:
         """Model evaluations (NFE) of `steps` steps."""
         return self.calls_per_step * steps - (self.calls_per_step - 1)
 
-    def applies_to(self, process) -> bool:
+    def applies_to(self, process: Process) -> bool:
         return not self.refusal(process)
 
-    def refusal(self, process) -> str:
+    def refusal(self, process: Process) -> str:
         """Why this sampler does not apply to `process`, or '' when it does."""
         if process.sampling_space not in self.spaces:
             return f"it samples in {' or '.join(self.spaces)} space, process '{process.name}' in {process.sampling_space}"
@@ -39,7 +40,7 @@ class SamplerSpec:
             return f"it walks every training timestep, and process '{process.name}' has continuous noise levels"
         return ""
 
-    def options_for(self, process, options: dict) -> dict:
+    def options_for(self, process: Process, options: dict) -> dict:
         """The options this sampler takes on `process`; the others are left out (the CLI passes `--eta`
         and `--variance` to every sampler). A name no sampler takes is an error."""
         known = sorted({option for name in SAMPLERS.names() for taken in SAMPLERS[name].spaces.values() for option in taken})
