@@ -150,7 +150,7 @@ def test_loss_second_moment_needs_integer_timesteps():
 
     with pytest.raises(ConfigError, match="needs integer timesteps"):
         build_timestep_sampler("loss-second-moment", Flow(), torch.device("cpu"))
-    with pytest.raises(ConfigError, match="choose from uniform, loss-second-moment"):
+    with pytest.raises(ConfigError, match="choose from process, loss-second-moment"):
         build_timestep_sampler("logit", Flow(), torch.device("cpu"))
 
 

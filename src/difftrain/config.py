@@ -135,7 +135,9 @@ class TrainConfig:
     # snapshots every ema_snapshot_every steps (0: train.steps // 20) in RUN/ema-snapshots/ for `difftrain ema`
     posthoc_ema: list[float] = field(default_factory=list)
     ema_snapshot_every: int = 0
-    timestep_sampler: str = "uniform"  # uniform | loss-second-moment (guided-diffusion's schedule_sampler)
+    # process (the process's own sample_t) | loss-second-moment (guided-diffusion's schedule_sampler);
+    # uniform: the old name of process (for flow and edm it never was uniform)
+    timestep_sampler: str = "process"
     label_dropout: float = 0.1  # fraction of labels replaced by the null class
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: a dynamic loss scaler; on a CPU only with train.device=cpu, slow)
     compile: bool = False  # torch.compile the model for training

@@ -1,8 +1,9 @@
 """Training timestep samplers: `sample(n, device) -> (t, weights)`; losses are multiplied by the weights.
 
-`uniform` defers to the process's own `sample_t` (weights None). `loss-second-moment` is
-guided-diffusion's LossSecondMomentResampler (Nichol & Dhariwal 2021, sec. 3.3) for
-processes with integer timesteps.
+`process` defers to the process's own `sample_t` (weights None): uniform integer timesteps for ddpm,
+logit-normal (diffusion.timestep_sampling) for flow, log-normal for edm. `uniform` is its old name,
+still read (old runs' config.yaml). `loss-second-moment` is guided-diffusion's
+LossSecondMomentResampler (Nichol & Dhariwal 2021, sec. 3.3) for processes with integer timesteps.
 """
 
 from __future__ import annotations
@@ -11,16 +12,18 @@ import torch
 from torch import Tensor
 
 from difftrain.config import ConfigError
+from difftrain.processes import Process
 
-TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment")
+TIMESTEP_SAMPLERS = ("process", "loss-second-moment")
+ALIASES = {"uniform": "process"}  # old name -> name; `uniform` was never uniform for flow or edm
 
 
-class UniformTimesteps:
-    """The process's own timestep distribution, unweighted."""
+class ProcessTimesteps:
+    """The process's own timestep distribution (`Process.sample_t`), unweighted."""
 
-    name = "uniform"
+    name = "process"
 
-    def __init__(self, process):
+    def __init__(self, process: Process):
         self.process = process
 
     def sample(self, n: int, device: torch.device) -> tuple[Tensor, Tensor | None]:
@@ -91,12 +94,14 @@ class LossSecondMoment:
         self.seen.copy_(state["seen"])
 
 
-def build_timestep_sampler(name: str, process, device: torch.device):
-    if name == "uniform":
-        return UniformTimesteps(process)
+def build_timestep_sampler(name: str, process: Process, device: torch.device) -> ProcessTimesteps | LossSecondMoment:
+    """The sampler `train.timestep_sampler` names (an old name in `ALIASES` means the same)."""
+    name = ALIASES.get(name, name)
+    if name == "process":
+        return ProcessTimesteps(process)
     if name == "loss-second-moment":
-        if not getattr(process, "discrete", False):
+        if not process.discrete:
             raise ConfigError(f"train.timestep_sampler=loss-second-moment needs integer timesteps; "
-                              f"process '{process.name}' has continuous ones: use uniform")
+                              f"process '{process.name}' has continuous ones: use process")
         return LossSecondMoment(process.timesteps, device)
     raise ConfigError(f"unknown train.timestep_sampler '{name}'; choose from {', '.join(TIMESTEP_SAMPLERS)}")
