@@ -79,11 +79,9 @@ def sample(process: Process, name: str, model_fn: Callable[[Tensor, Tensor], Ten
                    progress=progress, **kwargs)
 
 
-run_sampler = sample  # the name generation and the tests used before the one-table contract
-
 __all__ = [
     "SAMPLERS", "SPACINGS", "VARIANCES", "PerSampleNoise", "SamplerSpec", "guided", "karras_timesteps", "model_calls",
-    "register", "respaced_timesteps", "run_sampler", "sample", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m",
+    "register", "respaced_timesteps", "sample", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m",
     "sample_dpmpp_2m_sde", "sample_euler", "sample_heun", "sample_seed", "sampler_names", "sampler_spec",
     "sampler_steps", "sampler_timesteps", "sampling_sigmas", "space_timesteps", "spaced_timesteps", "to_d",
 ]

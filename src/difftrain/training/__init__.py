@@ -9,7 +9,5 @@ from difftrain.training.options import resolve_config
 from difftrain.training.schedules import lr_at
 from difftrain.training.timesteps import LossSecondMoment, ProcessTimesteps, build_timestep_sampler
 
-Trainer = Engine  # the engine's name before the engine / task split
-
-__all__ = ["EMA", "Engine", "LossSecondMoment", "ProcessTimesteps", "Trainer", "TrainingError", "build_timestep_sampler",
-           "lr_at", "resolve_config", "train"]
+__all__ = ["EMA", "Engine", "LossSecondMoment", "ProcessTimesteps", "TrainingError", "build_timestep_sampler", "lr_at",
+           "resolve_config", "train"]
