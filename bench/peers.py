@@ -158,7 +158,9 @@ class DiTFlowPeer(_Peer):
     name = "DiTTransformer2DModel + FlowMatchEuler"
 
     def __init__(self, cfg, hidden_size: int, depth: int, num_heads: int, patch_size: int, hparams: dict | None = None,
-                 seed: int = 0):
+                 seed: int = 0, label_dropout: float | None = None):
+        """`label_dropout` None: diffusers' own, 0.1 inside every block's label embedding, drawn independently per
+        block and again for the final layer (CombinedTimestepLabelEmbeddings); a number sets that probability."""
         from diffusers import DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
         torch.manual_seed(seed)
@@ -166,24 +168,37 @@ class DiTFlowPeer(_Peer):
         self.dit = DiTTransformer2DModel(num_attention_heads=num_heads, attention_head_dim=hidden_size // num_heads,
                                          in_channels=m.in_channels, out_channels=m.in_channels, num_layers=depth,
                                          sample_size=m.image_size, patch_size=patch_size, num_embeds_ada_norm=m.num_classes)
+        if label_dropout is not None:
+            for block in self.dit.transformer_blocks:
+                block.norm1.emb.class_embedder.dropout_prob = label_dropout
         super().__init__(cfg, self.dit, hparams, seed)
         self.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=cfg.diffusion.timesteps, shift=1.0)
 
-    def step(self) -> None:
-        from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+    def step(self) -> float:
+        """The example's draws: a batch, noise, logit-normal u rounded down to one of the scheduler's 1000 sigmas."""
+        from diffusers.training_utils import compute_density_for_timestep_sampling
 
         clean, y = self.batch()
         noise = torch.randn_like(clean)
         u = compute_density_for_timestep_sampling(weighting_scheme="logit_normal", batch_size=len(clean),
                                                   logit_mean=0.0, logit_std=1.0, mode_scale=1.29)
         indices = (u * self.scheduler.config.num_train_timesteps).long()
-        timesteps = self.scheduler.timesteps[indices]
-        sigmas = self.scheduler.sigmas[indices].view(-1, 1, 1, 1)  # get_sigmas() of the example
+        return self.train_on(clean, y, noise, self.scheduler.sigmas[indices])  # get_sigmas() of the example
+
+    def train_on(self, clean: torch.Tensor, y: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> float:
+        """One step of the example's loop on given draws (sigmas (B,)); the model sees timesteps = sigmas x
+        num_train_timesteps, the scheduler's `timesteps`. Returns the loss."""
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+        timesteps = sigmas * self.scheduler.config.num_train_timesteps
+        sigmas = sigmas.view(-1, 1, 1, 1)
         noisy = (1.0 - sigmas) * clean + sigmas * noise
         pred = self.dit(noisy, timestep=timesteps, class_labels=y).sample
         weighting = compute_loss_weighting_for_sd3(weighting_scheme="logit_normal", sigmas=sigmas)
         target = noise - clean
-        self.update(torch.mean((weighting.float() * (pred.float() - target.float()) ** 2).reshape(len(clean), -1), 1).mean())
+        loss = torch.mean((weighting.float() * (pred.float() - target.float()) ** 2).reshape(len(clean), -1), 1).mean()
+        self.update(loss)
+        return loss.item()
 
     def forward(self, x, t, y):
         return self.dit(x, timestep=t, class_labels=y).sample

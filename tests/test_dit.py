@@ -115,3 +115,39 @@ def test_learned_sigma_output_channels():
     """DiT + DDPM with diffusion.learn_sigma: twice the input channels out, through the shared config key."""
     cfg = ModelConfig(name="dit_tiny_2", image_size=8, in_channels=1, num_classes=0, out_channels=2)
     assert build_model(cfg)(torch.randn(2, 1, 8, 8), torch.rand(2)).shape == (2, 2, 8, 8)
+
+
+def test_per_block_conditioning_keeps_adaln_zero_and_its_own_embedders():
+    """cond_embed=per_block: each block owns a timestep MLP and label table (the final layer uses block 0's);
+    DiT's init still starts the model at 0, and the default's weight names (old checkpoints) are unchanged."""
+    torch.manual_seed(0)
+    m = tiny(class_embed="adaln", cond_embed="per_block")
+    x, t, y = torch.randn(3, 1, 8, 8), torch.rand(3) * 1000, torch.tensor([0, 5, 10])
+    assert torch.equal(m(x, t, y), torch.zeros_like(x))
+    names = set(m.state_dict())
+    assert {"block_embeds.1.time_embed.2.weight", "block_embeds.1.label_embed.weight"} <= names
+    assert not any(n.startswith(("time_embed.", "label_embed.")) for n in names)
+    assert {"time_embed.0.weight", "label_embed.weight"} <= set(tiny(class_embed="adaln").state_dict())
+    for p in m.parameters():
+        p.data.normal_(0, 0.1)
+    out = m(x, t, y)
+    with torch.no_grad():  # block 1's label table is read by block 1 only: changing it changes the output
+        m.block_embeds[1].label_embed.weight[5] += 1.0
+    assert not torch.allclose(m(x, t, y)[1], out[1]) and torch.equal(m(x, t, y)[0], out[0])
+
+
+def test_torch_default_init_is_not_the_identity_and_shift_changes_the_frequencies():
+    torch.manual_seed(0)
+    m = tiny(class_embed="adaln", weight_init="torch")
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([10.0, 700.0]), torch.tensor([1, 2])
+    out = m(x, t, y)
+    assert out.abs().max() > 0.01  # no zero-init anywhere
+    h, c = torch.randn(2, 16, 32), torch.randn(2, 32)
+    assert not torch.allclose(m.blocks[0](h, c), h)
+    m.time_freq_shift = 1.0  # frequencies 10000^(-i / 127): another timestep embedding, another output
+    assert not torch.allclose(m(x, t, y), out)
+    assert tiny(mlp_norm_eps=1e-5).blocks[1].norm2.eps == 1e-5
+    with pytest.raises(ValueError, match=r"time_freq_shift 128 must lie in \[0, 128\)"):
+        tiny(time_freq_shift=128)
+    with pytest.raises(ValueError, match="unknown weight_init 'xavier'; choose from dit, torch"):
+        tiny(weight_init="xavier")

@@ -36,3 +36,11 @@ def test_unet_size_check_names_the_levels():
     check_unet_size(32, (1, 2, 2, 2))
     with pytest.raises(ValueError, match=r"image_size 28 is not divisible by 2\*\*3 \(channel_mult \[1, 2, 2, 2\]\)"):
         check_unet_size(28, (1, 2, 2, 2))
+
+
+def test_timestep_embedding_sin_first_and_frequency_shift():
+    t = torch.tensor([3.0])
+    emb = timestep_embedding(t, 8, flip_sin_to_cos=False, freq_shift=1.0)  # 4 frequencies 10000^(-i / 3)
+    freqs = torch.tensor([math.exp(-i * math.log(10000.0) / 3) for i in range(4)])
+    torch.testing.assert_close(emb[0], torch.cat([torch.sin(3 * freqs), torch.cos(3 * freqs)]))
+    assert torch.equal(timestep_embedding(t, 8), timestep_embedding(t, 8, flip_sin_to_cos=True, freq_shift=0.0))

@@ -50,8 +50,14 @@ class ModelConfig:
     patch_size: int = 2
     mlp_ratio: float = 4.0
     class_embed: str = "token"  # token (one extra sequence token) | adaln (added to the timestep embedding)
-    pos_embed: str = "rope"  # rope (2D axial rotary, FLUX-like) | sincos (fixed 2D sin-cos, DiT)
+    pos_embed: str = "rope"  # rope (2D axial rotary, FLUX-like) | sincos (fixed 2D sin-cos) | sincos_dit (DiT's layout)
     qk_norm: bool = False  # RMSNorm on queries and keys per head
+    # diffusers' DiTTransformer2DModel is class_embed=adaln, pos_embed=sincos_dit (DiT/MAE's sin-cos layout),
+    # cond_embed=per_block, time_freq_shift=1, mlp_norm_eps=1e-5, weight_init=torch (models/dit.py).
+    cond_embed: str = "shared"  # shared (one timestep + label embedder) | per_block (one in every block)
+    time_freq_shift: float = 0.0  # timestep frequencies 10000^(-i / (128 - shift)): diffusers' downscale_freq_shift
+    mlp_norm_eps: float = 1e-6  # epsilon of each block's second LayerNorm (before the MLP)
+    weight_init: str = "dit"  # dit (xavier, adaLN-Zero, zero output) | torch (PyTorch's default of every layer)
     # Start from these weights: a run directory or checkpoint .pt (its EMA weights), a safetensors file of ours,
     # or a diffusers folder (UNet2DModel, or an export's unet/ / transformer/). A resumed checkpoint wins.
     init_from: str | None = None

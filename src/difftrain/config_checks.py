@@ -186,6 +186,8 @@ RULES: dict[str, Rule] = {
     "model.depth": COUNT,
     "model.patch_size": COUNT,
     "model.mlp_ratio": number(0, lo_open=True),
+    "model.time_freq_shift": number(0, 1),
+    "model.mlp_norm_eps": number(0, lo_open=True),
     # diffusion
     "diffusion.timesteps": COUNT,
     "diffusion.beta_start": number(0, 1, lo_open=True, hi_open=True),
@@ -278,7 +280,7 @@ RULES: dict[str, Rule] = {
 CHECKED_WHERE_USED = frozenset({
     "recipe", "description",
     "model.name", "model.init_from", "model.use_scale_shift_norm", "model.resblock_updown", "model.class_embed",
-    "model.pos_embed", "model.qk_norm",
+    "model.pos_embed", "model.qk_norm", "model.cond_embed", "model.weight_init",
     "diffusion.process", "diffusion.schedule", "diffusion.prediction", "diffusion.learn_sigma",
     "diffusion.timestep_sampling", "diffusion.loss_weighting", "diffusion.zero_terminal_snr",
     "data.name", "data.path", "data.random_flip", "data.class_from", "data.strict", "data.test_path", "data.download",

@@ -3,7 +3,8 @@ from existing weights, diffusers' included (`init_weights`, the `model.init_from
 
 diffusers is an optional dependency (`pip install difftrain[diffusers]`), imported only inside the functions
 that need it; reading a diffusers folder for `init_weights` needs only safetensors. `convert` (ADM UNet <->
-UNet2DModel) and `convert_dit` (DiT <-> SD3 / FLUX transformers) hold the weight rename tables.
+UNet2DModel), `convert_dit` (DiT <-> SD3 / FLUX transformers) and `convert_peer_dit` (diffusers' DiTTransformer2DModel
+-> our DiT built with its options) hold the weight rename tables.
 """
 
 from difftrain.interop.diffusers_export import export_run

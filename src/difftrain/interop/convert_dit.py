@@ -1,9 +1,10 @@
 """Our DiT (`models/dit.py`) -> diffusers' SD3Transformer2DModel (pos_embed=sincos) or FluxTransformer2DModel
 (pos_embed=rope with qk_norm), through explicit rename tables.
 
-Why not DiTTransformer2DModel: its timestep projection uses frequencies 10000^(-i / 127)
-(`downscale_freq_shift=1`), ours (and the DiT paper's) 10000^(-i / 128), so no weights make the two equal.
-SD3's and FLUX's timestep embedders are ours exactly. Their blocks are two-stream (MMDiT): the image
+Why not DiTTransformer2DModel: by default ours is not its network (its timestep projection uses frequencies
+10000^(-i / 127), `downscale_freq_shift=1`, ours and the DiT paper's 10000^(-i / 128); it has an embedder per
+block); built with its options, ours loads its weights (convert_peer_dit.py). SD3's and FLUX's timestep
+embedders are ours exactly. Their blocks are two-stream (MMDiT): the image
 tokens take our block's weights; the second ("context") stream carries our class token (class_embed=token)
 and takes the same weights again, so it is processed as ours is. The class enters as a one-hot vector:
 - class_embed=token: `encoder_hidden_states` = one_hot(y)[:, None] (joint_attention_dim = num_classes + 1),
@@ -67,7 +68,11 @@ def dit_target(model: nn.Module, mc: ModelConfig) -> str:
         raise ConfigError(f"model.class_embed=adaln with {model.num_classes} classes: the class reaches diffusers' "
                           f"pooled-projection MLP as a one-hot vector, which needs num_classes + 1 <= the width "
                           f"{hidden}; use model.class_embed=token")
-    if mc.pos_embed == "sincos":
+    if mc.cond_embed != "shared" or mc.time_freq_shift != 0 or mc.mlp_norm_eps != 1e-6:
+        raise ConfigError(f"model.cond_embed={mc.cond_embed}, time_freq_shift={mc.time_freq_shift}, mlp_norm_eps="
+                          f"{mc.mlp_norm_eps}: SD3's and FLUX's transformers have one shared timestep embedder, "
+                          f"frequencies 10000^(-i / 128) and eps 1e-6; export needs shared, 0 and 1e-6")
+    if mc.pos_embed in ("sincos", "sincos_dit"):  # our fixed table goes into SD3's pos_embed buffer
         return "sd3"
     if not mc.qk_norm:
         raise ConfigError("model.pos_embed=rope with model.qk_norm=false: diffusers' rotary DiT "

@@ -29,7 +29,9 @@ def adm_unet(cfg: ModelConfig) -> nn.Module:
 
 def _dit_options(cfg: ModelConfig) -> dict:
     return dict(image_size=cfg.image_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels, mlp_ratio=cfg.mlp_ratio,
-                num_classes=cfg.num_classes or 0, class_embed=cfg.class_embed, pos_embed=cfg.pos_embed, qk_norm=cfg.qk_norm)
+                num_classes=cfg.num_classes or 0, class_embed=cfg.class_embed, pos_embed=cfg.pos_embed, qk_norm=cfg.qk_norm,
+                cond_embed=cfg.cond_embed, time_freq_shift=cfg.time_freq_shift, mlp_norm_eps=cfg.mlp_norm_eps,
+                weight_init=cfg.weight_init)
 
 
 @MODELS.register("dit")

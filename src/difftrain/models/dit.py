@@ -10,6 +10,12 @@ MNIST reference) or is added to the timestep embedding (`"adaln"`, DiT); positio
 axial rotary embeddings on queries and keys (`pos_embed="rope"`, FLUX) or fixed 2D sin-cos
 added to the patch tokens (`"sincos"`, DiT); `qk_norm` RMS-normalises queries and keys
 per head (SD3). Size presets are at the end.
+
+diffusers' `DiTTransformer2DModel` (the benchmark's peer, bench/peers.py) is this network with
+`class_embed="adaln", pos_embed="sincos_dit", cond_embed="per_block", time_freq_shift=1, mlp_norm_eps=1e-5,
+weight_init="torch"`: DiT/MAE's sin-cos layout, a timestep + label embedder of its own in every block
+(the final layer takes block 0's), frequencies 10000^(-i / 127), and PyTorch's default initialisation
+(diffusers applies none of DiT's). interop/convert_peer_dit.py loads its weights.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ from torch import Tensor, nn
 from difftrain.models.layers import class_labels, timestep_embedding, zero_init
 
 CLASS_EMBEDS = ("token", "adaln")
-POS_EMBEDS = ("rope", "sincos")
+POS_EMBEDS = ("rope", "sincos", "sincos_dit")
+COND_EMBEDS = ("shared", "per_block")
+WEIGHT_INITS = ("dit", "torch")
 
 
 # --- positions --------------------------------------------------------------------------
@@ -58,6 +66,22 @@ def sincos_2d(pos: Tensor, dim: int) -> Tensor:
     if dim % 4:
         raise ValueError(f"2D sin-cos embedding needs a width divisible by 4, got {dim}")
     return torch.cat([timestep_embedding(pos[:, 0], dim // 2), timestep_embedding(pos[:, 1], dim // 2)], dim=-1)
+
+
+def sincos_2d_dit(pos: Tensor, dim: int) -> Tensor:
+    """DiT's and MAE's own layout of the 2D sin-cos table ([sin, cos] of the column, then of the row), computed
+    in float64 and rounded to float32, as diffusers' `get_2d_sincos_pos_embed`. (T, 2) -> (T, dim)."""
+    if dim % 4:
+        raise ValueError(f"2D sin-cos embedding needs a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))  # (D/4,)
+    parts = []
+    for axis in (1, 0):  # column, then row
+        angles = pos[:, axis].double()[:, None] * omega  # (T, D/4)
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=-1).float()
+
+
+POS_TABLES = {"sincos": sincos_2d, "sincos_dit": sincos_2d_dit}
 
 
 # --- blocks -----------------------------------------------------------------------------
@@ -95,11 +119,11 @@ class Attention(nn.Module):
 class DiTBlock(nn.Module):
     """Pre-norm transformer block whose LayerNorms are modulated by the conditioning c (adaLN-Zero)."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False, mlp_norm_eps: float = 1e-6):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, heads, qk_norm)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=mlp_norm_eps)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
@@ -130,6 +154,28 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))  # (B, T, p * p * C)
 
 
+class ConditionEmbed(nn.Module):
+    """The conditioning c = MLP(timestep frequencies) + label table[y] (the table only when the class goes
+    through adaLN); one for the whole model, or one per block (`cond_embed="per_block"`, diffusers' DiT)."""
+
+    def __init__(self, frequency_dim: int, dim: int, num_labels: int):
+        super().__init__()
+        self.time_embed = time_mlp(frequency_dim, dim)
+        self.label_embed = nn.Embedding(num_labels, dim) if num_labels else None
+
+    def forward(self, freqs: Tensor, y: Tensor | None) -> Tensor:
+        return embed_condition(self.time_embed, self.label_embed, freqs, y)
+
+
+def time_mlp(frequency_dim: int, dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+
+def embed_condition(time_embed: nn.Module, label_embed: nn.Module | None, freqs: Tensor, y: Tensor | None) -> Tensor:
+    c = time_embed(freqs)  # (B, D)
+    return c if label_embed is None else c + label_embed(y)
+
+
 # --- the model ----------------------------------------------------------------------------
 
 class DiT(nn.Module):
@@ -138,33 +184,55 @@ class DiT(nn.Module):
     def __init__(self, *, image_size: int, in_channels: int, out_channels: int | None = None, hidden_size: int = 256,
                  depth: int = 3, num_heads: int = 4, patch_size: int = 2, mlp_ratio: float = 4.0, num_classes: int = 0,
                  class_embed: str = "token", pos_embed: str = "rope", qk_norm: bool = False,
-                 frequency_dim: int = 256, rope_theta: float = 10000.0):
+                 frequency_dim: int = 256, rope_theta: float = 10000.0, cond_embed: str = "shared",
+                 time_freq_shift: float = 0.0, mlp_norm_eps: float = 1e-6, weight_init: str = "dit"):
         super().__init__()
-        if class_embed not in CLASS_EMBEDS:
-            raise ValueError(f"unknown class_embed '{class_embed}'; choose from {', '.join(CLASS_EMBEDS)}")
-        if pos_embed not in POS_EMBEDS:
-            raise ValueError(f"unknown pos_embed '{pos_embed}'; choose from {', '.join(POS_EMBEDS)}")
+        for key, value, choices in (("class_embed", class_embed, CLASS_EMBEDS), ("pos_embed", pos_embed, POS_EMBEDS),
+                                    ("cond_embed", cond_embed, COND_EMBEDS), ("weight_init", weight_init, WEIGHT_INITS)):
+            if value not in choices:
+                raise ValueError(f"unknown {key} '{value}'; choose from {', '.join(choices)}")
+        if not 0 <= time_freq_shift < frequency_dim // 2:
+            raise ValueError(f"time_freq_shift {time_freq_shift} must lie in [0, {frequency_dim // 2})")
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
         self.image_size, self.in_channels, self.out_channels = image_size, in_channels, out_channels or in_channels
         self.patch_size, self.num_classes, self.class_embed, self.pos_embed = patch_size, num_classes, class_embed, pos_embed
-        self.frequency_dim, self.rope_theta = frequency_dim, rope_theta
+        self.frequency_dim, self.rope_theta, self.time_freq_shift = frequency_dim, rope_theta, time_freq_shift
+        self.cond_embed = cond_embed
         self.grid = image_size // patch_size
         head_dim = hidden_size // num_heads
 
         self.patch_embed = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
-        self.time_embed = nn.Sequential(nn.Linear(frequency_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
-        # Row `num_classes` is the null class: the unconditional model for guidance.
-        self.label_embed = nn.Embedding(num_classes + 1, hidden_size) if num_classes > 0 else None
+        # Row `num_classes` of a label table is the null class: the unconditional model for guidance.
+        labels = num_classes + 1 if num_classes > 0 else 0
+        adaln_labels = labels if class_embed == "adaln" else 0
+        if cond_embed == "shared":
+            self.time_embed = time_mlp(frequency_dim, hidden_size)
+            self.label_embed = nn.Embedding(labels, hidden_size) if labels else None
+        else:  # every block its own timestep MLP and (adaln) label table; a class token stays one shared table
+            self.block_embeds = nn.ModuleList(ConditionEmbed(frequency_dim, hidden_size, adaln_labels)
+                                              for _ in range(depth))
+            self.label_embed = nn.Embedding(labels, hidden_size) if labels and class_embed == "token" else None
         pos = grid_positions(self.grid, self.grid)  # (T, 2)
         if pos_embed == "rope":
             rope_2d(pos, head_dim)  # validates the head dimension now rather than at the first forward
             self.register_buffer("pos", pos, persistent=False)
         else:
-            self.register_buffer("pos", sincos_2d(pos, hidden_size)[None], persistent=False)  # (1, T, D), fixed
-        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth))
+            self.register_buffer("pos", POS_TABLES[pos_embed](pos, hidden_size)[None], persistent=False)  # (1, T, D)
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, mlp_norm_eps)
+                                    for _ in range(depth))
         self.final = FinalLayer(hidden_size, patch_size, self.out_channels)
-        self._init_weights()
+        if weight_init == "dit":
+            self._init_weights()
+        else:
+            self._torch_default_init()
+
+    def _torch_default_init(self) -> None:
+        """PyTorch's default initialisation of every layer, zero-inits included (what DiTTransformer2DModel
+        trained from scratch starts from: diffusers applies none of DiT's), so no block starts as the identity."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
 
     def _init_weights(self) -> None:
         """Xavier-uniform linear layers and N(0, 0.02) embeddings (DiT); the zero-inits in the blocks are kept."""
@@ -175,10 +243,15 @@ class DiT(nn.Module):
         w = self.patch_embed.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.patch_embed.bias)
-        if self.label_embed is not None:
-            nn.init.normal_(self.label_embed.weight, std=0.02)
-        for layer in (self.time_embed[0], self.time_embed[2]):
-            nn.init.normal_(layer.weight, std=0.02)
+        shared = self.cond_embed == "shared"
+        time_mlps = [self.time_embed] if shared else [e.time_embed for e in self.block_embeds]
+        tables = [self.label_embed] + ([] if shared else [e.label_embed for e in self.block_embeds])
+        for table in tables:
+            if table is not None:
+                nn.init.normal_(table.weight, std=0.02)
+        for mlp in time_mlps:
+            for layer in (mlp[0], mlp[2]):
+                nn.init.normal_(layer.weight, std=0.02)
 
     def patchify(self, x: Tensor) -> Tensor:
         return self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, T, D)
@@ -190,23 +263,28 @@ class DiT(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         h = self.patchify(x)  # (B, T, D)
-        c = self.time_embed(timestep_embedding(t, self.frequency_dim))  # (B, D)
+        freqs = timestep_embedding(t, self.frequency_dim, freq_shift=self.time_freq_shift).to(h.dtype)  # (B, F)
         rope = None
-        if self.pos_embed == "sincos":
+        if self.pos_embed != "rope":
             h = h + self.pos.to(h.dtype)
-        if self.label_embed is not None:
+        if self.num_classes:
             y = class_labels(y, self.num_classes, x)
-            if self.class_embed == "adaln":
-                c = c + self.label_embed(y)
-            else:
-                h = torch.cat([self.label_embed(y)[:, None], h], dim=1)  # (B, 1 + T, D)
+        adaln_y = y if self.class_embed == "adaln" else None
+        if self.cond_embed == "shared":
+            c = embed_condition(self.time_embed, self.label_embed if adaln_y is not None else None, freqs, adaln_y)
+            conds = [c] * len(self.blocks)
+        else:
+            conds = [embed(freqs, adaln_y) for embed in self.block_embeds]  # (B, D) per block
+            c = conds[0]  # the final layer's, as diffusers' DiT takes block 0's
+        if self.class_embed == "token" and self.label_embed is not None:
+            h = torch.cat([self.label_embed(y)[:, None], h], dim=1)  # (B, 1 + T, D)
         if self.pos_embed == "rope":
             pos = self.pos
             if h.shape[1] > pos.shape[0]:  # the class token gets position (0, 0), as FLUX gives its text tokens
                 pos = torch.cat([pos.new_zeros(1, 2), pos])
             rope = rope_2d(pos, self.blocks[0].attn.head_dim, self.rope_theta) if self.blocks else None
-        for block in self.blocks:
-            h = block(h, c, rope)
+        for block, cond in zip(self.blocks, conds):
+            h = block(h, cond, rope)
         h = self.final(h, c)[:, -self.grid**2:]  # (B, T, p * p * C), the class token dropped
         return self.unpatchify(h)
 

@@ -9,13 +9,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding (Vaswani et al. 2017) of float timesteps, (B,) -> (B, dim)."""
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, *, flip_sin_to_cos: bool = True,
+                       freq_shift: float = 0.0) -> Tensor:
+    """Sinusoidal embedding (Vaswani et al. 2017) of float timesteps, (B,) -> (B, dim), float32.
+
+    Frequencies max_period^(-i / (dim / 2 - freq_shift)), i < dim / 2; [cos, sin] (or [sin, cos] without
+    flip_sin_to_cos). diffusers' `get_timestep_embedding(flip_sin_to_cos, downscale_freq_shift)` with the same
+    float32 operations: ours (and DiT's) is freq_shift 0, diffusers' DiT (CombinedTimestepLabelEmbeddings) 1.
+    """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - freq_shift))
     args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    return F.pad(emb, (0, dim % 2))
+    pair = (torch.cos(args), torch.sin(args)) if flip_sin_to_cos else (torch.sin(args), torch.cos(args))
+    return F.pad(torch.cat(pair, dim=-1), (0, dim % 2))
 
 
 def group_norm(channels: int, max_groups: int = 32, eps: float = 1e-5) -> nn.GroupNorm:
