@@ -40,8 +40,9 @@ def cmd_ema(args: argparse.Namespace) -> int:
         rows = score(args, results)
         print(format_table(rows))
         if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+            from difftrain.checkpoint import atomic_write_text
+
+            atomic_write_text(Path(args.json), json.dumps(rows, indent=2) + "\n", what="scores")
             print(f"wrote {args.json}")
     else:
         label = f"phema-{results[0].sigma_rel!r}"
