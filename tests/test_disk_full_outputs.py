@@ -42,17 +42,19 @@ class _FillingFile:
         self._f.close()
 
 
-def disk_full_after(monkeypatch, ok_files: int, under: Path) -> list[str]:
-    """Files opened for writing under `under` fill the disk once `ok_files` of them were written; returns the
-    names opened (builtins.open: Pillow, atomic_write; io.open: Path.write_text)."""
-    real, opened = builtins.open, []
+def disk_full_after(monkeypatch, ok_files: int, under: Path, only: str | None = None) -> list[str]:
+    """Files opened for writing under `under` (named `only`, if given) fill the disk once `ok_files` of them were
+    written; returns the names opened (builtins.open: Pillow, atomic_write; io.open: Path.write_text)."""
+    real, opened, counted = builtins.open, [], []
 
     def fake_open(file, mode="r", *args, **kwargs):
         f = real(file, mode, *args, **kwargs)
         if any(c in mode for c in "wax+") and isinstance(file, (str, Path)) and Path(file).is_relative_to(under):
             opened.append(Path(file).name)
-            if len(opened) > ok_files:
-                return _FillingFile(f)
+            if only in (None, Path(file).name):
+                counted.append(file)
+                if len(counted) > ok_files:
+                    return _FillingFile(f)
         return f
 
     monkeypatch.setattr(builtins, "open", fake_open)
