@@ -35,7 +35,7 @@ def cmd_ema(args: argparse.Namespace) -> int:
     results = reconstruct(Path(args.run), args.sigma_rel, step=args.step)
     for r in results:
         print(f"wrote {r.path} (sigma_rel {r.sigma_rel:g}, gamma {r.gamma:.2f}, step {r.step}, "
-              f"from {r.snapshots} snapshot steps)")
+              f"from {r.snapshots} snapshot steps, profile error {r.profile_error:.1%})")
     if args.score:
         rows = score(args, results)
         print(format_table(rows))
