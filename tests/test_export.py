@@ -3,6 +3,7 @@ exported scheduler samples what `generate` samples, an exported folder loads wit
 diffusers UNet starts a run. Runs are tiny checkpoints written directly (random weights, so outputs are not 0)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -195,8 +196,8 @@ def test_model_card_and_sidecar(exported):
     meta = yaml.safe_load(card.split("---\n")[1])
     assert meta["library_name"] == "diffusers" and "difftrain" in meta["tags"] and meta["datasets"] == ["digits"]
     assert meta["resolution"] == 8 and meta["classes"] == [f"c{i}" for i in range(10)]
-    assert "| loss | 0.25 | 5 |" in card and "| val_loss | 0.375 | 5 |" in card
-    assert "| classifier_accuracy | 0.875 | eval.json |" in card and "- images seen: 640" in card
+    assert "| loss | 0.25 | 5 |" in card and "| val\\_loss | 0.375 | 5 |" in card  # _ escaped: literal Markdown
+    assert "| classifier\\_accuracy | 0.875 | eval.json |" in card and "- images seen: 640" in card
     assert "model_channels: 16" in card  # the resolved training config
     side = json.loads((out / "difftrain.json").read_text())
     assert side["null_class"] == 10 and side["class_input"] == "class_labels" and side["step"] == 5
@@ -358,3 +359,70 @@ def test_zero_terminal_snr_exports_rescaled_scheduler_or_names_the_sampler():
     cfg.sample.sampler = "heun"
     with pytest.raises(ConfigError, match="zero_terminal_snr"):
         scheduler_config(cfg)
+
+
+# --- issue #24: the output folder, a full disk, the model card's text ----------------------------------------
+
+def test_export_on_a_full_disk_leaves_nothing_and_exits_2(exported, tmp_path, monkeypatch, capsys):
+    """The model and scheduler are written, then README.md fills the disk: no folder, no temporary folder."""
+    from difftrain.cli import main
+    from tests.test_disk_full_outputs import disk_full_after
+
+    run = exported["unet"][0]
+    out = tmp_path / "out"
+    out.mkdir()  # an empty folder is a valid OUT, and stays as it was
+    opened = disk_full_after(monkeypatch, 0, tmp_path, only="README.md")
+    assert main(["export", str(run), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"difftrain: error: cannot write export '{out}': No space left on device" in err, err
+    assert "README.md" in opened and "config.json" in opened  # the disk filled part-way
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "out"]
+    assert not any(out.iterdir())
+
+
+def test_export_refuses_a_symlink_out(exported, tmp_path):
+    run = exported["unet"][0]
+    real = tmp_path / "real"
+    real.mkdir()
+    for target in (real, tmp_path / "missing"):
+        link = tmp_path / f"link-to-{target.name}"
+        link.symlink_to(target)
+        with pytest.raises(ConfigError, match=f"'{link}' is a symbolic link \\(to '{target}'\\)"):
+            export_run(run, link)
+        assert link.is_symlink() and not any(real.iterdir()) and not (tmp_path / "missing").exists()
+
+
+def test_a_second_export_to_the_same_folder_stops_with_a_clear_error(exported, tmp_path):
+    """While one export holds .OUT.lock, another one to OUT is refused (the lock is fcntl.flock: per open file,
+    so a second open in this process conflicts as another process would); once it is released the export runs."""
+    from difftrain.interop.diffusers_export import ExportLock
+
+    run, out = exported["unet"][0], tmp_path / "out"
+    with ExportLock(out):
+        with pytest.raises(ConfigError, match=f"another export is writing '{out}' \\(pid {os.getpid()}, lock"):
+            export_run(run, out)
+        assert not out.exists()
+    assert export_run(run, out).out == out and (out / "README.md").is_file()
+
+
+def test_model_card_escapes_markdown_html_and_front_matter(tmp_path):
+    from difftrain.interop.exported import ExportReport
+    from difftrain.interop.model_card import model_card
+
+    run = make_run(tmp_path / "run", UNET, 2)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 5, "evil|<img src=x onerror=alert(1)>": 1.0}) + "\n")
+    cfg, model, facts = load_for_export(run)
+    cfg.description = "digits <script>alert(1)</script> **bold** [link](javascript:x)\n# not a heading\n```\n<b>"
+    names = ["a\n---\nlibrary_name: evil", "it's \"quoted\": yes"]
+    exported = convert_model(model, cfg)
+    report = ExportReport(tmp_path / "o", exported.class_name, "DDIMScheduler", None, 0.0, 5, {**facts, "class_names": names})
+    card = model_card(cfg, exported, report)
+    prose, config_block = card.split("<details>")  # the config block is code: its text is shown as it is
+    assert "<script>" not in prose and "<img" not in prose and "<b>" not in prose
+    assert "Recipe: digits &lt;script&gt;alert(1)&lt;/script&gt; \\*\\*bold\\*\\* \\[link\\](javascript:x) \\# not" in card
+    assert "| evil\\|&lt;img src=x onerror=alert(1)&gt; | 1 | 5 |" in card  # one cell: the pipe escaped
+    head = card.split("---\n", 1)[1].split("\n---\n", 1)[0]
+    meta = yaml.safe_load(head)
+    assert meta["classes"] == names and meta["library_name"] == "diffusers"
+    assert "\n````yaml\n" in config_block and config_block.count("\n````") == 2  # outlasts the ``` inside

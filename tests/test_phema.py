@@ -20,10 +20,12 @@ from difftrain.training.phema import (
     posthoc_ema,
     power_beta,
     power_weights,
+    profile_error,
     profile_inner,
     reconstruct,
     sigma_rel_to_gamma,
     solve_coefficients,
+    supported_widths,
 )
 from tests.conftest import TINY, run_cli
 from tests.test_engine_resume import SMALL, assert_tensors_equal, stop_after
@@ -158,6 +160,90 @@ def test_reconstruct_errors_name_the_problem(tmp_path):
         reconstruct(tmp_path, [0.4])
     (r,) = reconstruct(tmp_path, [0.1], step=20)  # an earlier snapshot step uses the snapshots up to it
     assert r.step == 20 and r.snapshots == 2
+
+
+def rewrite_snapshot(path, change) -> None:
+    """Apply `change(tensors)` to a snapshot file, keeping its metadata."""
+    from safetensors.torch import save_file
+
+    tensors, meta = load_weights(path)
+    change(tensors)
+    save_file(tensors, str(path), meta)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda t: t["0.1/weight"].view(-1)[2].fill_(float("nan")), r"tensor '0.1/weight' holds 1 NaN or infinite value\(s\) of 4"),
+    (lambda t: t["0.05/bias"].fill_(float("inf")), r"tensor '0.05/bias' holds 1 NaN or infinite"),
+    (lambda t: t.update({"0.05/weight": t["0.05/weight"][:, :1].contiguous()}),  # broadcasts against (1, 4)
+     r"tensor '0.05/weight' has shape \(1, 1\), the model's is \(1, 4\)"),
+    (lambda t: t.pop("0.1/bias"), r"lacks the model's tensor '0.1/bias'"),
+    (lambda t: t.update({"0.1/extra": torch.zeros(2)}), r"holds '0.1/extra', not in the model"),
+])
+def test_a_damaged_snapshot_is_refused_naming_the_file_and_tensor(tmp_path, damage, message):
+    toy_run(tmp_path, torch.randn(30, 5), every=10)
+    rewrite_snapshot(tmp_path / "ema-snapshots" / "step-0000020.safetensors", damage)
+    with pytest.raises(CheckpointError, match=f"snapshot '[^']*step-0000020.safetensors'.*{message}"):
+        reconstruct(tmp_path, [0.08])
+    assert not list(tmp_path.glob("weights-phema-*"))  # nothing written
+
+
+def test_snapshots_are_checked_against_the_model_of_the_runs_config(tmp_path):
+    """All snapshots agree with each other but hold another model than the config builds: refused."""
+    from difftrain.models import build_model
+
+    cfg = load_config(None, ["model.in_channels=1", "model.image_size=8", "model.num_classes=0",
+                             "model.model_channels=16", "model.channel_mult=[1,2]", "model.norm_groups=8"])
+    model = build_model(cfg.model)
+    tracker = PosthocEMA(model, [0.05, 0.1], 2, cfg.to_yaml())
+    for t in (1, 2):
+        tracker.update(model, t)
+    tracker.snapshot(tmp_path, 2)
+    (ok,) = reconstruct(tmp_path, [0.1])
+    assert load_weights(ok.path)[0].keys() == model.state_dict().keys()
+    cfg.model.model_channels = 32
+    other = PosthocEMA(model, [0.05, 0.1], 2, cfg.to_yaml())  # the config of a wider model, the weights of this one
+    other.emas = tracker.emas
+    other.snapshot(tmp_path, 2)
+    with pytest.raises(CheckpointError, match=r"step-0000002.safetensors': tensor '0.05/time_embed.0.weight' "
+                       r"has shape \(64, 16\), the model's is \(128, 32\)"):
+        reconstruct(tmp_path, [0.1])
+
+
+def test_profile_error_matches_numerical_integration():
+    """The closed form against a Riemann sum of (sum_i x_i p_i - p)^2 on a fine grid; the profiles jump to 0 at
+    their t, so the sum's relative error is O(1 / points) = 1e-5 here: tolerance 1e-3."""
+    in_t, in_g = [100, 200, 200], [sigma_rel_to_gamma(0.1), sigma_rel_to_gamma(0.05), sigma_rel_to_gamma(0.1)]
+    out_g = sigma_rel_to_gamma(0.02)
+    coef = solve_coefficients(in_t, in_g, 200, out_g)
+    tau = (np.arange(200_000) + 0.5) / 1000  # midpoints over (0, 200]
+    prof = lambda t, g: np.where(tau <= t, (g + 1) * tau ** g / t ** (g + 1), 0.0)  # noqa: E731
+    diff = sum(c * prof(t, g) for c, t, g in zip(coef[:, 0], in_t, in_g)) - prof(200, out_g)
+    expected = np.sqrt((diff ** 2).sum() / (prof(200, out_g) ** 2).sum())
+    (err,) = profile_error(in_t, in_g, 200, out_g, coef)
+    assert 0.01 < expected < 0.5 and abs(err - expected) < 1e-3 * expected
+    assert profile_error(in_t, in_g, 200, in_g[1], solve_coefficients(in_t, in_g, 200, in_g[1]))[0] < 1e-6
+
+
+def test_a_width_the_snapshots_do_not_support_warns_or_is_refused(tmp_path):
+    """20 snapshots of 0.05 and 0.1: 0.08 is well inside (profile error 0.2%), 0.02 extrapolates (8.7%: a warning
+    naming the supported range, about 0.025 .. 0.24 within 5%), 0.005 is mostly another average (56%: refused)."""
+    import warnings
+
+    toy_run(tmp_path, torch.cumsum(torch.randn(400, 5), 0) / 20, every=20)
+    lo, hi = supported_widths([20 * i for i in range(1, 21) for _ in (0, 1)],
+                              [sigma_rel_to_gamma(s) for _ in range(20) for s in (0.05, 0.1)], 400)
+    assert 0.02 < lo < 0.03 and 0.2 < hi < 0.25
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (inside,) = reconstruct(tmp_path, [0.08])
+    assert inside.profile_error < 0.01
+    with pytest.warns(UserWarning, match=rf"sigma_rel 0.02 is an extrapolation: .* 8\.\d% \(L2\).*support sigma_rel "
+                      rf"{lo:.3g} \.\. {hi:.3g} within 5%"):
+        (outside,) = reconstruct(tmp_path, [0.02])
+    assert 0.05 < outside.profile_error < 0.5 and float(load_weights(outside.path)[1]["phema_profile_error"]) > 0.05
+    with pytest.raises(ConfigError, match=r"--sigma-rel 0.005 \(5\d% off\): the snapshots cannot make this average"):
+        reconstruct(tmp_path, [0.1, 0.005])
+    assert not (tmp_path / "weights-phema-0.005.safetensors").exists()
 
 
 # --- a run: config, snapshots, CLI ------------------------------------------------------------------

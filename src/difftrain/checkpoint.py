@@ -65,8 +65,24 @@ def atomic_write(path: Path, write, what: str = "file") -> None:
             pass
         if isinstance(e, CheckpointError) or not isinstance(e, (OSError, RuntimeError)):
             raise
-        raise CheckpointError(f"cannot write {what} '{path}': {_cause(e)}; files written before are intact") from None
+        raise write_error(what, path, e) from None
     _fsync_dir(path.parent)
+
+
+def write_error(what: str, path: Path, e: BaseException) -> CheckpointError:
+    """The error of a failed write: `cannot write WHAT 'PATH': No space left on device; files written before are
+    intact` (the OS error behind `e`)."""
+    return CheckpointError(f"cannot write {what} '{path}': {_cause(e)}; files written before are intact")
+
+
+def atomic_write_text(path: Path, text: str, what: str = "file") -> None:
+    """`text` to `path` through `atomic_write`, creating its folder (a failure there is the same clear error)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(what, path, e) from None
+    atomic_write(path, lambda f: f.write(text.encode()), what=what)
 
 
 def _cause(e: BaseException) -> str:
@@ -76,7 +92,9 @@ def _cause(e: BaseException) -> str:
         seen = seen.__cause__ or seen.__context__
     if isinstance(seen, OSError):
         return seen.strerror or str(seen)
-    return (str(e) or type(e).__name__).splitlines()[0]
+    text = (str(e) or type(e).__name__).splitlines()[0]
+    found = re.search(r"\(os error (\d+)\)", text)  # safetensors' (Rust) I/O errors end so
+    return os.strerror(int(found[1])) if found else text
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:

@@ -199,8 +199,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"samples: {source}")
     print(format_report(result))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        from difftrain.checkpoint import atomic_write_text
+
+        atomic_write_text(Path(args.json), json.dumps(result, indent=2) + "\n", what="eval results")
         print(f"wrote {args.json}")
     return 0
 
@@ -237,8 +238,9 @@ def _eval_nll(args: argparse.Namespace) -> int:
     print(f"NLL {result['bits_per_dim']:.4f} +- {result['bits_per_dim_std_error']:.4f} bits/dim "
           f"(prior term {result['prior_bits_per_dim']:.2e})")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        from difftrain.checkpoint import atomic_write_text
+
+        atomic_write_text(Path(args.json), json.dumps(result, indent=2) + "\n", what="eval results")
         print(f"wrote {args.json}")
     return 0
 

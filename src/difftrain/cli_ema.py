@@ -35,13 +35,14 @@ def cmd_ema(args: argparse.Namespace) -> int:
     results = reconstruct(Path(args.run), args.sigma_rel, step=args.step)
     for r in results:
         print(f"wrote {r.path} (sigma_rel {r.sigma_rel:g}, gamma {r.gamma:.2f}, step {r.step}, "
-              f"from {r.snapshots} snapshot steps)")
+              f"from {r.snapshots} snapshot steps, profile error {r.profile_error:.1%})")
     if args.score:
         rows = score(args, results)
         print(format_table(rows))
         if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+            from difftrain.checkpoint import atomic_write_text
+
+            atomic_write_text(Path(args.json), json.dumps(rows, indent=2) + "\n", what="scores")
             print(f"wrote {args.json}")
     else:
         label = f"phema-{results[0].sigma_rel!r}"

@@ -7,6 +7,8 @@ rebuilt from its checkpoint alone: the checkpoint carries the resolved config.
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ from difftrain.checkpoint import (
     read_run_checkpoint,
     select_weights,
     weights_file,
+    write_error,
 )
 from difftrain.config import Config, ConfigError, config_from_dict
 from difftrain.data.images import to_pil, to_pil_images
@@ -190,17 +193,38 @@ def write_npz(images: Tensor, labels: Tensor | None, path: Path) -> Path:
 
 
 def write_png_dir(images: Tensor, labels: Tensor | None, folder: Path, class_names: list[str] | None = None) -> Path:
-    """One PNG per sample named CLASS_NNNNNN.png, readable back as an image folder (class from prefix)."""
+    """One PNG per sample named CLASS_NNNNNN.png, readable back as an image folder (class from prefix).
+
+    The PNGs go to a temporary folder beside `folder` and are renamed into it only once all of them are written:
+    a failure (a full disk) removes them, raises `cannot write samples 'FILE': CAUSE`, and leaves `folder` as it was."""
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"'{folder}' is a file; png-dir output is a folder of PNGs (give another --out)")
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, img in enumerate(to_pil_images(images)):
-        if labels is not None:
-            name = class_names[int(labels[i])] if class_names else str(int(labels[i]))
-            file = folder / f"{name}_{i:06d}.png"
-        else:
-            file = folder / f"{i:06d}.png"
-        img.save(file)
+    if labels is None:
+        names = [f"{i:06d}.png" for i in range(len(images))]
+    else:
+        names = [f"{class_names[int(y)] if class_names else int(y)}_{i:06d}.png" for i, y in enumerate(labels)]
+    absolute = Path(os.path.abspath(folder))
+    tmp = absolute.with_name(f".{absolute.name}.tmp-{os.getpid()}")
+    file = folder
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name, img in zip(names, to_pil_images(images)):
+            file = folder / name
+            img.save(tmp / name, format="PNG")
+        if not folder.exists():
+            file = folder
+            os.rename(tmp, folder)
+        else:  # renames only: they need no space, and files of other names in the folder stay
+            for name in names:
+                file = folder / name
+                os.replace(tmp / name, folder / name)
+            tmp.rmdir()
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, (OSError, RuntimeError)):
+            raise
+        raise write_error("samples", file, e) from None
     return folder
 
 

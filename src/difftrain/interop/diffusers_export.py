@@ -9,7 +9,8 @@
       README.md              model card: Hub front matter, usage code, training config, metrics
 
 Before anything is written, the diffusers model is run against ours on a random batch; the largest
-difference is reported. The folder is written beside OUT and renamed into place.
+difference is reported. The folder is written beside OUT (`.OUT.tmp-PID`) and renamed into place, under
+the lock `.OUT.lock`; a symbolic link OUT is refused.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from difftrain.checkpoint import (
     load_model_state,
     read_run_checkpoint,
     select_weights,
+    write_error,
 )
 from difftrain.config import Config, ConfigError, config_from_dict
 from difftrain.interop.convert import unet2d_config, unet_to_diffusers
@@ -128,10 +131,13 @@ def stock_pipeline(cfg: Config, exported: Exported) -> str | None:
 
 
 def export_run(run: str | Path, out: str | Path, *, weights: str = "ema") -> ExportReport:
-    """Write the run's denoiser, scheduler, model card (and model_index.json where a pipeline fits) to `out`."""
+    """Write the run's denoiser, scheduler, model card (and model_index.json where a pipeline fits) to `out`.
+
+    `out` must not exist or be an empty folder, and must not be a symbolic link. The folder is written as
+    `.OUT.tmp-PID` beside it and renamed into place at the end, under the lock `.OUT.lock` (fcntl.flock), so a
+    failed export (a full disk) leaves nothing and a second export to the same folder stops with a clear error."""
     out = Path(out)
-    if out.is_file() or (out.is_dir() and any(out.iterdir())):
-        raise ConfigError(f"'{out}' exists and is not empty; export writes a new folder")
+    _check_out(out)
     diffusers = require_diffusers()
     cfg, model, facts = load_for_export(run, weights)
     exported = convert_model(model, cfg)
@@ -141,17 +147,65 @@ def export_run(run: str | Path, out: str | Path, *, weights: str = "ema") -> Exp
     scheduler = getattr(diffusers, sched_name)(**sched_cfg)
     pipeline = stock_pipeline(cfg, exported)
     report = ExportReport(out, exported.class_name, sched_name, pipeline, diff, facts["step"], facts)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        _write_folder(tmp, dmodel, scheduler, exported, cfg, report, diffusers)
-        if out.is_dir():
-            out.rmdir()  # empty, checked above
-        tmp.rename(out)
-    except BaseException:
+    absolute = Path(os.path.abspath(out))
+    tmp = absolute.with_name(f".{absolute.name}.tmp-{os.getpid()}")
+    with ExportLock(absolute):
+        _check_out(out)  # again, now that no other export can be writing it
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        try:
+            _write_folder(tmp, dmodel, scheduler, exported, cfg, report, diffusers)
+            os.rename(tmp, out)  # replaces an empty folder (rename(2)); fails on one filled meanwhile
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not isinstance(e, (OSError, RuntimeError, SafetensorError)):
+                raise
+            failed = getattr(e, "filename", None)
+            where = out / Path(failed).relative_to(tmp) if failed and Path(failed).is_relative_to(tmp) else out
+            raise write_error("export", where, e) from None
     return report
+
+
+def _check_out(out: Path) -> None:
+    if out.is_symlink():
+        raise ConfigError(f"'{out}' is a symbolic link (to '{os.readlink(out)}'); export writes a new folder and "
+                          f"does not follow links: give the real path or another one")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"'{out}' is a file; export writes a new folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"'{out}' exists and is not empty; export writes a new folder")
+
+
+class ExportLock:
+    """An exclusive fcntl.flock on `.OUT.lock` beside OUT while an export writes OUT. The OS drops it when the
+    process ends (kill -9 too); the file stays, naming the last holder."""
+
+    def __init__(self, out: Path):
+        self.out, self.path = out, out.with_name(f".{out.name}.lock")
+        self.fd: int | None = None
+
+    def __enter__(self) -> ExportLock:
+        import fcntl
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise write_error("the export lock", self.path, e) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 256).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(f"another export is writing '{self.out}' "
+                              f"(pid {holder}, lock '{self.path}'); wait for it to end or export elsewhere") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)  # closing releases the flock
+        self.fd = None
 
 
 def _write_folder(folder: Path, dmodel, scheduler, exported: Exported, cfg: Config, report: ExportReport, diffusers) -> None:

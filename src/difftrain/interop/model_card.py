@@ -3,13 +3,39 @@
 
 from __future__ import annotations
 
+import html
 import json
+import re
 from pathlib import Path
 
 import yaml
 
 from difftrain.config import Config
 from difftrain.interop.exported import Exported, ExportReport
+
+MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]#|!~])")
+
+
+def md_escape(text: object) -> str:
+    """`text` as literal Markdown inline text on one line: newlines become spaces (no new block can start),
+    & < > become HTML entities (no tag gets through) and Markdown's markup characters are backslash-escaped."""
+    text = html.escape(" ".join(str(text).split()), quote=False)
+    return MARKDOWN_SPECIAL.sub(r"\\\1", text)
+
+
+def fence(text: str, info: str = "") -> tuple[str, str]:
+    """Opening and closing code fence for `text`: longer than any run of backticks in it, so it cannot be closed early."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    bar = "`" * max(3, longest + 1)
+    return bar + info, bar
+
+
+class _QuotedDumper(yaml.SafeDumper):
+    """Front matter with every string double-quoted on one line (escapes for newlines and quotes): no value can
+    end the front matter with a `---` line or change its structure."""
+
+
+_QuotedDumper.add_representer(str, lambda dumper, value: dumper.represent_scalar("tag:yaml.org,2002:str", value, style='"'))
 
 STEP_KEYS = {"UNet2DModel": "unet", "SD3Transformer2DModel": "transformer", "FluxTransformer2DModel": "transformer"}
 
@@ -61,24 +87,26 @@ def model_card(cfg: Config, exported: Exported, report: ExportReport) -> str:
     run_dir = Path(report.facts["run_dir"])
     k = cfg.model.num_classes or 0
     batch = cfg.train.batch_size * report.facts["world_size"]
-    head = yaml.safe_dump(front_matter(cfg, exported, report), sort_keys=False, width=120)
-    lines = [f"---\n{head}---", "", f"# {cfg.recipe or run_dir.name}: {exported.class_name}", "",
+    head = yaml.dump(front_matter(cfg, exported, report), Dumper=_QuotedDumper, sort_keys=False, width=float("inf"))
+    lines = [f"---\n{head}---", "", f"# {md_escape(cfg.recipe or run_dir.name)}: {exported.class_name}", "",
              f"A {'class-conditional' if k else 'unconditional'} {cfg.diffusion.process} model of "
              f"{cfg.model.image_size}x{cfg.model.image_size} {cfg.data.name} images ({cfg.model.in_channels} channel(s)), "
              f"trained with difftrain and exported to diffusers' layout "
              f"({report.facts['weights']} weights; difftrain's and diffusers' outputs differ by at most "
              f"{report.max_abs_diff:.1e} on a test batch).", ""]
     if cfg.description:
-        lines += [f"Recipe: {cfg.description}", ""]
-    lines += ["## Use", "", "```python", *usage_code(cfg, exported, report), "```", ""]
+        lines += [f"Recipe: {md_escape(cfg.description)}", ""]
+    code = "\n".join(usage_code(cfg, exported, report))
+    lines += ["## Use", "", fence(code, "python")[0], code, fence(code)[1], ""]
     lines += _notes(cfg, exported, report)
     lines += ["## Training", "", f"- steps: {report.step}", f"- images seen: {report.step * batch:,} "
               f"(batch {cfg.train.batch_size} x {report.facts['world_size']} process(es) per step)",
               f"- process: {cfg.diffusion.process}, prediction {cfg.diffusion.prediction}, "
               f"{cfg.diffusion.timesteps} timesteps", ""]
     lines += _metrics_lines(read_metrics(run_dir), read_evals(run_dir))
-    lines += ["<details><summary>Resolved training config</summary>", "", "```yaml", cfg.to_yaml().rstrip(), "```", "",
-              "</details>", ""]
+    resolved = cfg.to_yaml().rstrip()
+    lines += ["<details><summary>Resolved training config</summary>", "", fence(resolved, "yaml")[0], resolved,
+              fence(resolved)[1], "", "</details>", ""]
     return "\n".join(lines)
 
 
@@ -94,7 +122,7 @@ def _notes(cfg: Config, exported: Exported, report: ExportReport) -> list[str]:
     if cfg.data.normalize != "none":
         notes.append(f"The model works on data normalised to unit variance: images = x * {cfg.data.std} + {cfg.data.mean}.")
     if cfg.latent.first_stage:
-        notes.append(f"The model generates latents of the first stage `{cfg.latent.first_stage}`: decode x / "
+        notes.append(f"The model generates latents of the first stage {md_escape(cfg.latent.first_stage)}: decode x / "
                      f"{cfg.latent.scale_factor} with it.")
     return ([*(f"- {n}" for n in notes), ""] if notes else []) + ["`difftrain.json` holds these facts for programs.", ""]
 
@@ -103,8 +131,9 @@ def _metrics_lines(metrics: dict[str, tuple[int, float]], evals: dict[str, dict]
     if not metrics and not evals:
         return ["No metrics were logged.", ""]
     lines = ["## Metrics", "", "| metric | value | step / source |", "| --- | --- | --- |"]
-    lines += [f"| {key} | {value:.6g} | {step} |" for key, (step, value) in metrics.items()]
-    lines += [f"| {key} | {value:.6g} | {name} |" for name, values in evals.items() for key, value in values.items()]
+    lines += [f"| {md_escape(key)} | {value:.6g} | {step} |" for key, (step, value) in metrics.items()]
+    lines += [f"| {md_escape(key)} | {value:.6g} | {md_escape(name)} |"
+              for name, values in evals.items() for key, value in values.items()]
     return lines + [""]
 
 
@@ -113,14 +142,14 @@ def usage_code(cfg: Config, exported: Exported, report: ExportReport) -> list[st
     folder, steps = str(report.out), cfg.sample.steps
     if report.pipeline:
         return [f"from diffusers import {report.pipeline}", "",
-                f'pipe = {report.pipeline}.from_pretrained("{folder}")',
+                f"pipe = {report.pipeline}.from_pretrained({folder!r})",
                 f"images = pipe(batch_size=16, num_inference_steps={steps}).images  # PIL images"]
     k, flow = cfg.model.num_classes or 0, cfg.diffusion.process == "flow"
     sub = STEP_KEYS[exported.class_name]
     lines = ["import torch", *(["import torch.nn.functional as F"] if exported.target != "unet" and k else []),
              f"from diffusers import {report.scheduler}, {exported.class_name}", "",
-             f'model = {exported.class_name}.from_pretrained("{folder}", subfolder="{sub}").eval()',
-             f'scheduler = {report.scheduler}.from_pretrained("{folder}", subfolder="scheduler")']
+             f'model = {exported.class_name}.from_pretrained({folder!r}, subfolder="{sub}").eval()',
+             f'scheduler = {report.scheduler}.from_pretrained({folder!r}, subfolder="scheduler")']
     lines += _condition_lines(cfg, exported, k)
     if exported.target == "flux":
         lines += _flux_helpers(cfg, exported.patch_size)

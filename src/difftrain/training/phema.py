@@ -23,15 +23,17 @@ import copy
 import json
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from torch import Tensor, nn
 
 from difftrain.checkpoint import CheckpointError, export_safetensors, remove_stale_temp_files
-from difftrain.config import ConfigError, TrainConfig
+from difftrain.config import ConfigError, TrainConfig, config_from_dict
 from difftrain.config_checks import parse_budget
 
 SNAPSHOT_DIR = "ema-snapshots"
@@ -39,6 +41,10 @@ SNAPSHOT_FORMAT = "difftrain-phema-snapshot"
 SNAPSHOT_FILE = re.compile(r"step-(\d{7,})\.safetensors")
 AUTO_SNAPSHOTS = 20  # train.ema_snapshot_every=0: about this many snapshots over train.steps
 SIGMA_REL_MAX = 12 ** -0.5  # the width of gamma = 0 (a uniform average); wider profiles have no gamma >= 0
+# How far (relative L2, `profile_error`) the snapshots' best profile may lie from the one asked for: above
+# PROFILE_WARN the width is extrapolated (a warning), above PROFILE_REFUSE more than half of the averaging
+# profile is another one than asked for (refused: the weights would be another EMA than their name says).
+PROFILE_WARN, PROFILE_REFUSE = 0.05, 0.5
 
 
 def gamma_to_sigma_rel(gamma: float) -> float:
@@ -86,6 +92,30 @@ def solve_coefficients(in_t, in_gamma, out_t, out_gamma) -> np.ndarray:
     target = profile_inner(col(in_t), col(in_gamma), row(out_t), row(out_gamma))  # (n_in, n_out)
     x = np.linalg.lstsq(gram, target, rcond=None)[0]
     return x / x.sum(axis=0, keepdims=True)
+
+
+def profile_error(in_t, in_gamma, out_t, out_gamma, coef: np.ndarray) -> np.ndarray:
+    """||sum_i coef[i, k] p_i - p_k|| / ||p_k|| for each output k: how far the averaging profile that the
+    snapshots give lies from the power profile asked for (L2 over tau, from the closed-form inner products)."""
+    col = lambda v: np.asarray(v, dtype=np.float64).reshape(-1, 1)  # noqa: E731
+    row = lambda v: np.asarray(v, dtype=np.float64).reshape(1, -1)  # noqa: E731
+    in_t, in_gamma = np.broadcast_arrays(np.asarray(in_t, dtype=np.float64), np.asarray(in_gamma, dtype=np.float64))
+    out_t, out_gamma = np.broadcast_arrays(np.asarray(out_t, dtype=np.float64), np.asarray(out_gamma, dtype=np.float64))
+    gram = profile_inner(col(in_t), col(in_gamma), row(in_t), row(in_gamma))
+    target = profile_inner(col(in_t), col(in_gamma), row(out_t), row(out_gamma))
+    norm2 = profile_inner(out_t, out_gamma, out_t, out_gamma).reshape(-1)
+    err2 = norm2 - 2 * (coef * target).sum(axis=0) + (coef * (gram @ coef)).sum(axis=0)
+    return np.sqrt(np.clip(err2, 0, None) / norm2)
+
+
+def supported_widths(in_t, in_gamma, t: float, tolerance: float = PROFILE_WARN) -> tuple[float, float] | None:
+    """(lo, hi): the widths at step t whose profile the snapshots reproduce within `tolerance` (profile_error),
+    scanned on a log grid of 400 widths over (0.001, SIGMA_REL_MAX); None if none does."""
+    grid = np.geomspace(1e-3, SIGMA_REL_MAX * 0.999, 400)
+    gammas = [sigma_rel_to_gamma(s) for s in grid]
+    coef = solve_coefficients(in_t, in_gamma, t, gammas)
+    ok = grid[profile_error(in_t, in_gamma, t, gammas, coef) <= tolerance]
+    return (float(ok.min()), float(ok.max())) if len(ok) else None
 
 
 class PowerEMA:
@@ -250,6 +280,7 @@ class Reconstruction:
     step: int
     path: Path
     snapshots: int
+    profile_error: float = 0.0  # relative L2 distance of the averaging profile made from the one asked for
 
 
 def reconstruct(run_dir: Path, sigma_rels: list[float], step: int | None = None) -> list[Reconstruction]:
@@ -269,48 +300,112 @@ def reconstruct(run_dir: Path, sigma_rels: list[float], step: int | None = None)
                           f"({', '.join(str(s.step) for s in snaps[-5:])} the newest)")
     used = [s for s in snaps if 0 < s.step <= step]
     gammas = [sigma_rel_to_gamma(s) for s in sigma_rels]
-    coef = solve_coefficients([s.step for s in used for _ in s.gammas], [g for s in used for g in s.gammas], step, gammas)
-    outs = combine(used, coef)
+    in_t, in_gamma = [s.step for s in used for _ in s.gammas], [g for s in used for g in s.gammas]
+    coef = solve_coefficients(in_t, in_gamma, step, gammas)
+    errors = profile_error(in_t, in_gamma, step, gammas, coef)
+    check_support(sigma_rels, errors, coef, in_t, in_gamma, step, len(used))
+    outs = combine(used, coef, model_state_shapes(used[-1]))
     newest = used[-1]
     results = []
-    for sigma, gamma, state in zip(sigma_rels, gammas, outs):
+    for sigma, gamma, state, err in zip(sigma_rels, gammas, outs, errors):
         path = run_dir / f"weights-phema-{sigma_label(sigma)}.safetensors"
         meta = {"config": newest.config, "step": str(step), "phema_sigma_rel": sigma_label(sigma),
-                "phema_gamma": repr(gamma), "phema_snapshots": str(len(used))}
+                "phema_gamma": repr(gamma), "phema_snapshots": str(len(used)), "phema_profile_error": repr(float(err))}
         export_safetensors(state, path, meta)
-        results.append(Reconstruction(sigma, gamma, step, path, len(used)))
+        results.append(Reconstruction(sigma, gamma, step, path, len(used), float(err)))
     return results
 
 
-def combine(snaps: list[Snapshot], coef: np.ndarray) -> list[dict[str, Tensor]]:
+def check_support(sigma_rels, errors, coef, in_t, in_gamma, step: int, count: int) -> None:
+    """Warn about each width the snapshots reproduce only roughly (profile error > PROFILE_WARN) and refuse the
+    widths they cannot (> PROFILE_REFUSE), naming the range they support."""
+    bad = [(s, e, np.abs(coef[:, k]).sum()) for k, (s, e) in enumerate(zip(sigma_rels, errors)) if e > PROFILE_WARN]
+    if not bad:
+        return
+    span = supported_widths(in_t, in_gamma, step)
+    where = (f"the {count} snapshot steps up to {step} support sigma_rel {span[0]:.3g} .. {span[1]:.3g} within "
+             f"{PROFILE_WARN:.0%}" if span else f"the {count} snapshot steps up to {step} support no width within "
+             f"{PROFILE_WARN:.0%}") + " (more snapshots, train.ema_snapshot_every, or more tracked widths widen it)"
+    refused = [f"{s:g} ({e:.0%} off)" for s, e, _ in bad if e > PROFILE_REFUSE]
+    if refused:
+        raise ConfigError(f"--sigma-rel {', '.join(refused)}: the snapshots cannot make this average: the closest "
+                          f"combination of their profiles is more than {PROFILE_REFUSE:.0%} (L2) away from it; {where}")
+    for s, e, gain in bad:
+        warnings.warn(f"sigma_rel {s:g} is an extrapolation: the snapshots' averaging profile is {e:.1%} (L2) away "
+                      f"from the one asked for, with coefficients summing to {gain:.1f} in absolute value (noise in "
+                      f"the snapshots is amplified as much); {where}")
+
+
+def model_state_shapes(newest: Snapshot) -> dict[str, tuple[int, ...]] | None:
+    """Name -> shape of the state dict of the model in the newest snapshot's config (built on the meta device:
+    no memory); None when the metadata holds no difftrain config (then the newest snapshot is the reference)."""
+    data = yaml.safe_load(newest.config) if newest.config else None
+    if not isinstance(data, dict) or "model" not in data:
+        return None
+    from difftrain.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(config_from_dict(data).model)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def combine(snaps: list[Snapshot], coef: np.ndarray, shapes: dict[str, tuple[int, ...]] | None = None) -> list[dict[str, Tensor]]:
     """sum_i coef[i, k] snapshot_i for each output k, reading one file at a time (float32 sums); buffers and
-    integer tensors come from the newest snapshot."""
+    integer tensors come from the newest snapshot. Every snapshot is checked first against `shapes` (the model's
+    state dict; default: the newest snapshot's first width): the same names, the exact shapes, finite values."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     newest = snaps[-1]
     keep = set(newest.buffers)
     outs: list[dict[str, Tensor]] = [{} for _ in range(coef.shape[1])]
-    row, names = 0, None
-    for snap in snaps:
-        tensors = load_file(snap.path)
-        for sigma in snap.sigma_rels:
+    first_row = np.cumsum([0] + [len(s.sigma_rels) for s in snaps])  # coef's rows: snapshot by snapshot, oldest first
+    for i in reversed(range(len(snaps))):  # the newest first: it is the reference when there is no config
+        snap = snaps[i]
+        try:
+            tensors = load_file(snap.path)
+        except (OSError, SafetensorError) as e:
+            raise CheckpointError(f"post-hoc EMA snapshot '{snap.path}' is unreadable: {e}; move it away to use the "
+                                  f"others") from None
+        if shapes is None:
+            prefix = f"{sigma_label(snap.sigma_rels[0])}/"
+            shapes = {k[len(prefix):]: tuple(v.shape) for k, v in tensors.items() if k.startswith(prefix)}
+        check_snapshot(snap, tensors, shapes)
+        for j, sigma in enumerate(snap.sigma_rels):
+            row = first_row[i] + j
             prefix = f"{sigma_label(sigma)}/"
-            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            names = names or sorted(state)
-            if sorted(state) != names:
-                raise CheckpointError(f"'{snap.path}' holds weights of another model than '{newest.path}' "
-                                      f"(the run changed its model?); move it away to use the others")
             for k, out in enumerate(outs):
-                for name, v in state.items():
+                for name in shapes:
+                    v = tensors[prefix + name]
                     if v.is_floating_point() and name not in keep:
                         term = v.float() * float(coef[row, k])
                         out[name] = term if name not in out else out[name].add_(term)
                     elif snap is newest:
                         out[name] = v.clone()
-            row += 1
     return outs
 
 
+def check_snapshot(snap: Snapshot, tensors: dict[str, Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
+    """Every width of `snap` holds exactly the model's tensors (names and shapes), with finite values."""
+    expected = {f"{sigma_label(s)}/{name}": shape for s in snap.sigma_rels for name, shape in shapes.items()}
+    hint = "; move it away to reconstruct from the others"
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        what = f"lacks the model's tensor '{missing[0]}'" if missing else f"holds '{extra[0]}', not in the model"
+        count = len(missing) + len(extra)
+        raise CheckpointError(f"post-hoc EMA snapshot '{snap.path}' {what}" + (f" ({count} names differ)" if count > 1 else "")
+                              + f": it holds weights of another model than the run's{hint}")
+    for key, shape in expected.items():
+        v = tensors[key]
+        if tuple(v.shape) != shape:
+            raise CheckpointError(f"post-hoc EMA snapshot '{snap.path}': tensor '{key}' has shape {tuple(v.shape)}, the "
+                                  f"model's is {shape}{hint}")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v)).sum())
+            raise CheckpointError(f"post-hoc EMA snapshot '{snap.path}': tensor '{key}' holds {bad} NaN or infinite "
+                                  f"value(s) of {v.numel()}{hint}")
+
+
 __all__ = ["PosthocEMA", "PowerEMA", "Reconstruction", "SIGMA_REL_MAX", "Snapshot", "gamma_to_sigma_rel",
-           "list_snapshots", "posthoc_ema", "power_beta", "power_weights", "profile_inner", "reconstruct",
-           "set_aside_later_snapshots", "sigma_label", "sigma_rel_to_gamma", "solve_coefficients"]
+           "list_snapshots", "posthoc_ema", "power_beta", "power_weights", "profile_error", "profile_inner", "reconstruct",
+           "set_aside_later_snapshots", "sigma_label", "sigma_rel_to_gamma", "solve_coefficients", "supported_widths"]
