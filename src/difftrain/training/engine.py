@@ -17,6 +17,8 @@ Run directory layout (see docs/architecture.md):
     ema-snapshots/                post-hoc EMA snapshots (train.posthoc_ema; training/phema.py)
     tensorboard/                  TensorBoard event files
     run_info.json, report.html    the machine; the report page written at the end
+    abandoned-TIMESTAMP/          train.resume=restart: the previous run, moved aside (never deleted)
+No file of it is written through a symbolic link (checkpoint.atomic_write, checkpoint.open_nofollow).
 """
 
 from __future__ import annotations
