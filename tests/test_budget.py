@@ -5,7 +5,7 @@ import time
 import pytest
 
 from difftrain import cli
-from difftrain.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from difftrain.checkpoint import images_seen, list_checkpoints, load_checkpoint, save_checkpoint
 from difftrain.config import ConfigError, load_config
 from difftrain.config_checks import parse_budget
 from difftrain.training.budget import describe
@@ -137,3 +137,25 @@ def test_an_old_checkpoint_without_elapsed_counts_zero(tmp_path):
     second.run()
     assert second.step == 4 and second.budget.before == 0
     assert 0 < read_metrics(tmp_path)[-1]["time"] < first.budget.elapsed() + second.budget.elapsed()
+
+
+def test_an_image_budget_counts_the_images_seen_when_the_batch_changes_on_resume(tmp_path):
+    """96 images: 4 steps of 8 (32 images), then batch 16 trains the 64 left in 4 steps (to step 8), not to step
+    ceil(96 / 16) = 6 (64 images in all) as step x the current batch had it."""
+    first = make_trainer(tmp_path, "train.budget=96_images", "train.checkpoint_every=2")
+    stop_after(first, 4)
+    first.run()
+    assert first.step == 4 and load_checkpoint(list_checkpoints(tmp_path / "checkpoints")[-1])["images_seen"] == 32
+    second = make_trainer(tmp_path, "train.budget=96_images", "train.batch_size=16", "train.checkpoint_every=2")
+    second.run()
+    state = final_state(tmp_path)
+    assert second.step == state["step"] == 8 and state["images_seen"] == 96
+    rows = [r for r in read_metrics(tmp_path) if "loss" in r]
+    assert [(r["step"], r["images_seen"]) for r in rows] == [(3, 24), (6, 64), (8, 96)]  # log_every=3
+    assert "96" in (tmp_path / "report.html").read_text().split("images seen", 1)[1][:80]
+
+
+def test_an_old_checkpoint_without_images_seen_counts_step_times_its_batch_and_world():
+    state = {"step": 5, "config": {"train": {"batch_size": 8}}, "world_size": 2}
+    assert images_seen(state) == 80
+    assert images_seen({**state, "images_seen": 72}) == 72

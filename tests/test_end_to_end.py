@@ -93,9 +93,9 @@ def test_resume_auto_continues_and_finished_run_is_kept(tiny_run, tmp_path):
     proc = run_cli("train", "digits", f"run_dir={run}", "train.steps=25", *TINY)
     assert "resumed from" in proc.stderr and "step-0000020.pt" in proc.stderr
     assert load_checkpoint(run / "checkpoints" / "step-0000025.pt")["step"] == 25
-    # resume=none refuses to overwrite existing checkpoints.
+    # resume=none refuses to start a trained run over, naming the key that does.
     proc = run_cli("train", "digits", f"run_dir={run}", "train.resume=none", *TINY, check=False)
-    assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr
+    assert proc.returncode == 2 and "holds a trained run" in proc.stderr and "train.resume=restart" in proc.stderr
 
 
 def test_resume_from_another_architecture_is_refused(tiny_run, tmp_path):

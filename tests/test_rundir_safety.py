@@ -4,6 +4,7 @@ a changed objective, and metrics.jsonl after kills and resumes."""
 import errno
 import io
 import json
+import os
 import socket
 import warnings
 
@@ -89,9 +90,12 @@ def test_a_second_trainer_exits_2_naming_the_holder_and_kill_9_leaves_no_lock(tm
     finally:
         first.kill()  # kill -9: the OS drops the lock with the process
         first.communicate()
-    third = run_cli("train", "digits", f"run_dir={tmp_path}", *SMALL, "train.steps=3", "train.resume=auto", check=False)
+    # its metrics lines are of a trajectory with no checkpoint: starting over needs train.resume=restart
+    third = run_cli("train", "digits", f"run_dir={tmp_path}", *SMALL, "train.steps=3", "train.resume=restart", check=False)
     assert third.returncode == 0, third.stderr
     assert load_run(tmp_path).step == 3
+    (aside,) = tmp_path.glob("abandoned-*")
+    assert (aside / "metrics.jsonl").read_text().count("\n") >= 1
 
 
 # --- 3. a full disk ----------------------------------------------------------------------------
@@ -109,11 +113,12 @@ class FullDisk(io.FileIO):
 
 
 def fill_disk_for(monkeypatch, module, name_part: str):
-    """`open` in `module` gives a FullDisk file for paths containing `name_part`."""
+    """`open` in `module` gives a FullDisk file for paths (or descriptors of files) containing `name_part`."""
     real_open = open
 
     def fake_open(path, mode="r", *args, **kwargs):
-        if name_part in str(path) and "b" in mode:
+        name = os.readlink(f"/proc/self/fd/{path}") if isinstance(path, int) else str(path)
+        if name_part in name and "b" in mode:
             return FullDisk(path, mode.replace("b", ""))
         return real_open(path, mode, *args, **kwargs)
 

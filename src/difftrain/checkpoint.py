@@ -8,6 +8,7 @@ never runs code from the file.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
@@ -45,24 +46,57 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def refuse_symlink(path: Path, what: str = "file") -> None:
+    """Raise CheckpointError when `path` is a symbolic link: a run directory's files are written in place, and
+    following a link planted there would overwrite whatever file it points to, inside the run or not."""
+    path = Path(path)
+    if path.is_symlink():
+        raise CheckpointError(f"refusing to write {what} '{path}': it is a symbolic link (to '{os.readlink(path)}'), "
+                              f"and writing through it would change that file; remove the link or train into "
+                              f"another run_dir")
+
+
+def open_nofollow(path: Path, flags: int, what: str = "file", mode: int = 0o644) -> int:
+    """os.open(path, flags) that never follows a symbolic link at `path` (O_NOFOLLOW): a link is refused with a
+    CheckpointError naming it, as is any other OS error."""
+    path = Path(path)
+    refuse_symlink(path, what)
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # planted between the check and the open
+            refuse_symlink(path, what)
+        raise CheckpointError(f"cannot open {what} '{path}': {e.strerror or e}") from None
+
+
 def atomic_write(path: Path, write, what: str = "file") -> None:
     """Call `write(file)` on a temporary file beside `path`, fsync it, then rename it over `path`.
 
-    Any failure (a full disk: OSError, or torch's RuntimeError around it) removes the temporary file and
-    raises CheckpointError naming `what`, the file and the cause; the file at `path` stays as it was."""
+    The temporary file is created with O_EXCL | O_NOFOLLOW and `path` must not be a symbolic link, so no link
+    planted in the run directory is ever followed (refuse_symlink). Any failure (a full disk: OSError, or torch's
+    RuntimeError around it) removes the temporary file and raises CheckpointError naming `what`, the file and the
+    cause; the file at `path` stays as it was."""
     path = Path(path)
+    refuse_symlink(path, what)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if os.path.lexists(tmp):  # a leftover (or a link) in our temporary file's place: unlink removes the entry,
+        tmp.unlink()          # never a link's target
+    created = False
     try:
-        with open(tmp, "wb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        created = True
+        with open(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        refuse_symlink(path, what)  # planted while we wrote
         os.replace(tmp, path)
     except BaseException as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
+        if created:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
         if isinstance(e, CheckpointError) or not isinstance(e, (OSError, RuntimeError)):
             raise
         raise write_error(what, path, e) from None
@@ -144,6 +178,15 @@ def _other_format(path: Path) -> str | None:
         return ("a safetensors weights export (weights without the config); give the run directory or one of "
                 "its checkpoints/step-NNNNNNN.pt")
     return None
+
+
+def images_seen(state: dict) -> int:
+    """The images a checkpoint's run trained on: its "images_seen", or for checkpoints written before it was stored,
+    step x the stored config's batch size x world size (right unless the batch changed on a resume)."""
+    if "images_seen" in state:
+        return int(state["images_seen"])
+    batch = int(state.get("config", {}).get("train", {}).get("batch_size", 0))
+    return int(state["step"]) * batch * int(state.get("world_size", 1))
 
 
 def list_checkpoints(folder: Path) -> list[Path]:

@@ -162,7 +162,7 @@ class TrainConfig:
     eval_sampler: str = ""  # "": sample.sampler
     eval_steps: int = 0  # 0: sample.steps
     keep_checkpoints: int = 3
-    resume: str = "auto"  # auto | none | path to a checkpoint
+    resume: str = "auto"  # auto | none | restart (move a trained run aside to RUN/abandoned-TIME/) | path to a checkpoint
     allow_config_change: bool = False  # resume even when diffusion, model or image-shape keys differ from the checkpoint's
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # > 1: `difftrain train` starts torchrun with this many processes on this machine (batch_size is per process)

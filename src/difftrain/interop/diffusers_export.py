@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from difftrain.checkpoint import (
+    images_seen,
     load_model_state,
     read_run_checkpoint,
     select_weights,
@@ -68,6 +69,7 @@ def load_for_export(path: str | Path, weights: str = "ema") -> tuple[Config, nn.
     load_model_state(model, select_weights(state, weights, str(source)), str(source))
     run_dir = source.parent.parent if source.parent.name == "checkpoints" else source.parent
     facts = dict(step=int(state["step"]), world_size=int(state.get("world_size", 1)), weights=weights,
+                 images_seen=images_seen(state),
                  class_names=list(state.get("class_names", [])), source=str(source), run_dir=str(run_dir))
     return cfg, model.eval(), facts
 

@@ -86,7 +86,6 @@ def front_matter(cfg: Config, exported: Exported, report: ExportReport) -> dict:
 def model_card(cfg: Config, exported: Exported, report: ExportReport) -> str:
     run_dir = Path(report.facts["run_dir"])
     k = cfg.model.num_classes or 0
-    batch = cfg.train.batch_size * report.facts["world_size"]
     head = yaml.dump(front_matter(cfg, exported, report), Dumper=_QuotedDumper, sort_keys=False, width=float("inf"))
     lines = [f"---\n{head}---", "", f"# {md_escape(cfg.recipe or run_dir.name)}: {exported.class_name}", "",
              f"A {'class-conditional' if k else 'unconditional'} {cfg.diffusion.process} model of "
@@ -99,7 +98,7 @@ def model_card(cfg: Config, exported: Exported, report: ExportReport) -> str:
     code = "\n".join(usage_code(cfg, exported, report))
     lines += ["## Use", "", fence(code, "python")[0], code, fence(code)[1], ""]
     lines += _notes(cfg, exported, report)
-    lines += ["## Training", "", f"- steps: {report.step}", f"- images seen: {report.step * batch:,} "
+    lines += ["## Training", "", f"- steps: {report.step}", f"- images seen: {report.facts['images_seen']:,} "
               f"(batch {cfg.train.batch_size} x {report.facts['world_size']} process(es) per step)",
               f"- process: {cfg.diffusion.process}, prediction {cfg.diffusion.prediction}, "
               f"{cfg.diffusion.timesteps} timesteps", ""]

@@ -68,7 +68,8 @@ def progress(run: RunData) -> list[tuple[str, str]]:
     if batch:
         rows.append(("batch", f"{batch} x {world} process(es) = {batch * world} images per step "
                               f"(world size from {world_from})"))
-        rows.append(("images seen", f"{step * batch * world:,}"))
+        seen = [row["images_seen"] for row in run.rows if isinstance(row.get("images_seen"), int)]
+        rows.append(("images seen", f"{seen[-1] if seen else step * batch * world:,}"))  # counted by the trainer
     wall = wall_seconds(run)
     rows.append(("wall time", fmt_duration(wall) + " (first to last log line)" if wall is not None else
                  "not recorded: the metrics.jsonl lines carry no time field"))

@@ -1,7 +1,9 @@
 """How long a run trains, and its clock: train.steps, or train.budget (an image count or wall time).
 
 An image budget (`2M_images`) is exact: it becomes train.steps = ceil(images / global batch), and the
-run is then the same as one with that train.steps (bitwise reproducible, resumable).
+run is then the same as one with that train.steps (bitwise reproducible, resumable). The images are
+counted as they are trained (the checkpoint's "images_seen"), so a resume with another batch size or
+world size trains the images that are left: train.steps = step + ceil(images left / new global batch).
 
 A time budget (`30s`, `10m`, `2h`) replaces train.steps: the run ends at the first step boundary at
 or after the budget, then finishes as usual (final checkpoint, exports, final grids). The fraction of
@@ -38,8 +40,10 @@ class Budget:
         self.cfg, self.world, self.device = cfg, world, device
         self.global_batch = t.batch_size * world.size
         kind, amount = parse_budget(t.budget)
+        self.images = amount if kind == "images" else None
         if kind == "images":
             t.steps = math.ceil(amount / self.global_batch)
+        self.images_seen = 0  # images trained on so far, earlier sessions (at their batch sizes) included
         self.seconds = amount if kind == "seconds" else None
         self.before, self.started = 0.0, None  # seconds of earlier sessions; perf_counter() at this one's start
         self.now = 0.0  # the clock at the last tick: time-budget decisions use it, so all ranks agree
@@ -53,13 +57,19 @@ class Budget:
         """Seconds of the run so far, earlier sessions included."""
         return self.before + (time.perf_counter() - self.started if self.started is not None else 0.0)
 
-    def load(self, elapsed: float, step: int) -> None:
-        """Continue from a checkpoint's "elapsed" (0 for checkpoints written before it was stored)."""
+    def load(self, elapsed: float, step: int, images_seen: int) -> None:
+        """Continue from a checkpoint's "elapsed" (0 for checkpoints written before it was stored) and images seen;
+        an image budget then ends after the images left, at this session's global batch."""
         self.before = self.now = float(elapsed)
+        self.images_seen = int(images_seen)
+        if self.images is not None:
+            self.cfg.train.steps = step + math.ceil(max(0, self.images - self.images_seen) / self.global_batch)
         self.fix_steps(step)
 
     def tick(self, step: int) -> None:
-        """Read the clock after step `step` (rank 0's, broadcast, when a time budget decides under torchrun)."""
+        """Count step `step`'s global batch and read the clock after it (rank 0's, broadcast, when a time budget
+        decides under torchrun)."""
+        self.images_seen += self.global_batch
         now = self.elapsed()
         if self.seconds is not None and self.world.active:
             value = torch.tensor([now], dtype=torch.float64, device=self.device)
@@ -87,7 +97,7 @@ class Budget:
 
     def fields(self, step: int) -> dict[str, float]:
         """Log-line entries: run time, images seen and, on CUDA, peak memory (read here: no device sync per step)."""
-        row = {"time": round(self.elapsed(), 3), "images_seen": step * self.global_batch}
+        row = {"time": round(self.elapsed(), 3), "images_seen": self.images_seen}
         if self.device.type == "cuda":
             row["max_memory_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
         return row

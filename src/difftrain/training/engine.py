@@ -17,6 +17,8 @@ Run directory layout (see docs/architecture.md):
     ema-snapshots/                post-hoc EMA snapshots (train.posthoc_ema; training/phema.py)
     tensorboard/                  TensorBoard event files
     run_info.json, report.html    the machine; the report page written at the end
+    abandoned-TIMESTAMP/          train.resume=restart: the previous run, moved aside (never deleted)
+No file of it is written through a symbolic link (checkpoint.atomic_write, checkpoint.open_nofollow).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from difftrain.checkpoint import (
     atomic_write,
     checkpoint_name,
     export_safetensors,
-    list_checkpoints,
+    images_seen,
     prune_checkpoints,
     remove_stale_temp_files,
     save_checkpoint,
@@ -49,7 +51,16 @@ from difftrain.training.evaluate import Evaluator
 from difftrain.training.metrics import MetricsLog
 from difftrain.training.options import check_train_config, train_device
 from difftrain.training.phema import posthoc_ema, set_aside_later_snapshots
-from difftrain.training.rundir import RunLock, check_config_change, find_checkpoint, tidy_for_resume, write_report_page
+from difftrain.training.rundir import (
+    RunLock,
+    check_config_change,
+    find_checkpoint,
+    move_run_aside,
+    refuse_start_over,
+    tidy_for_resume,
+    will_resume,
+    write_report_page,
+)
 from difftrain.training.schedules import base_lr
 from difftrain.training.state import StopSignals, rng_state, seed_everything, set_rng_state
 from difftrain.training.tasks import TASKS, StepResult, task_for
@@ -75,7 +86,8 @@ class Engine:
         self.world, self.device = distributed.setup(device)
         self.budget = Budget(cfg, self.world, self.device)  # train.steps, or train.budget (images: sets train.steps)
         seed_everything(cfg.train.seed)
-        self.task = task_class(cfg, self.world, self.device)
+        # resuming: the checkpoint's weights win, so model.init_from is not read (its file may have moved since)
+        self.task = task_class(cfg, self.world, self.device, resuming=will_resume(cfg))
         # train.posthoc_ema: power EMAs of task.model, on rank 0 (it alone writes their snapshots)
         self.phema = posthoc_ema(self.task.model, cfg.train, cfg.to_yaml()) if self.world.main else None
         self.run_dir = Path(cfg.run_dir)
@@ -98,6 +110,7 @@ class Engine:
             "counters": {"skipped": self.skipped, "nonfinite_run": self.nonfinite_run},
             "log_window": self.task.window.state_dict(), "class_names": self.task.data.train.class_names,
             "world_size": self.world.size, "elapsed": self.budget.elapsed(),
+            "images_seen": self.budget.images_seen,
         }
         if self.phema is not None:
             state["posthoc_ema"] = self.phema.state_dict()
@@ -122,7 +135,7 @@ class Engine:
             warnings.warn(distributed.world_change_warning(source, saved_world, self.world, t.batch_size,
                                                            state["data"], lr))
         self.step = int(state["step"])
-        self.budget.load(state.get("elapsed", 0.0), self.step)  # run time so far (0 in older checkpoints)
+        self.budget.load(state.get("elapsed", 0.0), self.step, images_seen(state))  # run time (0 in older checkpoints)
         counters = state.get("counters", {})
         self.skipped, self.nonfinite_run = int(counters.get("skipped", 0)), int(counters.get("nonfinite_run", 0))
         if "log_window" in state:
@@ -145,23 +158,26 @@ class Engine:
         return path
 
     def resume(self) -> None:
-        """Continue from a checkpoint per train.resume: auto (the newest that loads), none, or a path.
+        """Continue from a checkpoint per train.resume: auto (the newest that loads), none, restart, or a path.
 
         Nothing is deleted: unreadable checkpoints move to checkpoints/unreadable/, those after the resumed
-        step (another trajectory) to checkpoints/abandoned-TIMESTAMP/, and metrics.jsonl loses its lines after
-        the resumed step. A checkpoint of another objective or model is refused first (rundir.config_changes)."""
+        step (another trajectory: with their weights and grids) to checkpoints/abandoned-TIMESTAMP/, and
+        metrics.jsonl loses its lines after the resumed step. A checkpoint of another objective or model is refused
+        first (rundir.config_changes). A directory holding a trained run with no checkpoint to resume (or with
+        train.resume=none) is refused; train.resume=restart moves the old run to RUN/abandoned-TIMESTAMP/."""
         mode, world = self.cfg.train.resume, self.world
-        if mode == "none" and list_checkpoints(self.ckpt_dir):
-            raise ConfigError(f"'{self.ckpt_dir}' already holds checkpoints and train.resume=none would overwrite them; "
-                              f"use train.resume=auto to continue, or another run_dir")
         if world.main:
             remove_stale_temp_files(self.ckpt_dir)
         distributed.barrier(world)  # every rank reads the checkpoint, after rank 0 has tidied the folder
         found, unreadable = find_checkpoint(self.ckpt_dir, mode)
         if found is not None:
             check_config_change(*found, self.cfg)
+        elif mode != "restart":  # a trained run is never started over without train.resume=restart
+            refuse_start_over(self.run_dir, mode, unreadable)
         distributed.barrier(world)  # every rank has read it: rank 0 may move files
-        if world.main:
+        if world.main and mode == "restart":
+            move_run_aside(self.run_dir)
+        elif world.main:
             tidy_for_resume(self.run_dir, int(found[1]["step"]) if found else 0, unreadable)
             set_aside_later_snapshots(self.run_dir, int(found[1]["step"]) if found else 0)
         distributed.barrier(world)

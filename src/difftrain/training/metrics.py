@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from difftrain.checkpoint import CheckpointError
+from difftrain.checkpoint import CheckpointError, open_nofollow, refuse_symlink
 from difftrain.config import ConfigError
 
 WANDB_MODES = ("none", "online", "offline")  # not "off": YAML reads that as false
@@ -19,14 +20,13 @@ WANDB_MODES = ("none", "online", "offline")  # not "off": YAML reads that as fal
 class MetricsLog:
     def __init__(self, run_dir: Path, tensorboard: bool = True, wandb: str = "none", config: dict | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
-        try:
-            self._file = open(self.path, "a", buffering=1)
-        except OSError as e:
-            raise CheckpointError(f"cannot write metrics '{self.path}': {e.strerror or e}") from None
+        fd = open_nofollow(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, "metrics")  # never through a link
+        self._file = open(fd, "a", buffering=1)
         self._tb = self._wandb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
+            refuse_symlink(Path(run_dir) / "tensorboard", "TensorBoard events")  # its files go where the link points
             self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
         if wandb not in WANDB_MODES:
             raise ConfigError(f"unknown train.wandb '{wandb}'; choose from {', '.join(WANDB_MODES)}")

@@ -15,8 +15,12 @@
 
 from __future__ import annotations
 
+import errno
+import filecmp
 import json
 import os
+import re
+import shutil
 import socket
 import sys
 import time
@@ -31,12 +35,14 @@ from difftrain.checkpoint import (
     load_checkpoint,
     looks_complete,
     newest_valid_checkpoint,
+    open_nofollow,
 )
 from difftrain.config import Config, ConfigError
 
 LOCK_FILE = ".lock"
 UNREADABLE = "unreadable"
 BEST_CHECKPOINT, BEST_RECORD = "best.pt", "best.json"
+GRID_FILE = re.compile(r"step-(\d{7,})(-raw)?\.png")  # samples/: a grid of a step, EMA or raw weights
 
 # Keys that change what a checkpoint's weights mean; every other key (steps, lr, intervals, device,
 # logging, sampling, ...) may change on resume. Model keys: all but model.init_from.
@@ -62,10 +68,7 @@ class RunLock:
     def acquire(self) -> None:
         import fcntl
 
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise CheckpointError(f"cannot create the lock file '{self.path}': {e.strerror or e}") from None
+        fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT, "the lock file")  # a planted link is refused
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -94,24 +97,75 @@ def describe_holder(text: str) -> str:
 
 
 def set_aside(paths: list[Path], folder: Path) -> list[Path]:
-    """Move `paths` into `folder` (created); returns the new paths."""
-    if not paths:
-        return []
+    """Move `paths` into `folder` (created), all or none (move_all); returns the new paths."""
+    return move_all([(p, folder / p.name) for p in paths])
+
+
+def move_all(moves: list[tuple[Path, Path]]) -> list[Path]:
+    """Move each (source, target) pair, all or none; returns the targets.
+
+    Every target is checked free first. A move renames when source and target folder are on one file system;
+    otherwise (a checkpoints/ link to another disk: os.replace raises EXDEV) it copies, fsyncs and compares the
+    copy, and deletes the sources only once every move is done. Any failure undoes the moves done so far (renames
+    back, copies deleted) and raises CheckpointError naming the file: the run directory is as it was."""
+    for source, target in moves:
+        if os.path.lexists(target):
+            raise CheckpointError(f"cannot move '{source}' aside: '{target}' exists already; nothing was moved")
+    renamed: list[tuple[Path, Path]] = []
+    copied: list[tuple[Path, Path]] = []
+    made: list[Path] = []
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        moved = []
-        for p in paths:
-            target = folder / p.name
-            os.replace(p, target)
-            moved.append(target)
+        for source, target in moves:
+            if not target.parent.is_dir():
+                target.parent.mkdir(parents=True)
+                made.append(target.parent)
+            try:
+                os.replace(source, target)
+                renamed.append((source, target))
+            except OSError as e:
+                if e.errno != errno.EXDEV:
+                    raise
+                copied.append((source, target))  # before copying: a copy cut short is removed too
+                _copy_verified(source, target)
     except OSError as e:
-        raise CheckpointError(f"cannot move checkpoints aside into '{folder}': {e.strerror or e}") from None
-    return moved
+        for source, target in reversed(renamed):
+            os.replace(target, source)
+        for _, target in copied:
+            _remove(target)
+        for folder in reversed(made):
+            _remove(folder)
+        raise CheckpointError(f"cannot move '{source}' aside to '{target}': {e.strerror or e}; nothing was moved") from None
+    for source, _ in copied:
+        _remove(source)
+    return [target for _, target in moves]
 
 
-def abandoned_folder(ckpt_dir: Path) -> Path:
-    """checkpoints/abandoned-YYYYmmdd-HHMMSS (with -N when that exists already)."""
-    stem = ckpt_dir / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+def _copy_verified(source: Path, target: Path) -> None:
+    """Copy a file or folder across file systems, fsynced, then compare it with the source (OSError if it differs)."""
+    if source.is_dir() and not source.is_symlink():
+        shutil.copytree(source, target, symlinks=True)
+        for path in source.rglob("*"):
+            if path.is_file() and not path.is_symlink() and not filecmp.cmp(path, target / path.relative_to(source), False):
+                raise OSError(errno.EIO, f"the copy of '{path}' differs from it")
+        return
+    shutil.copy2(source, target, follow_symlinks=False)
+    if not source.is_symlink():
+        with open(target, "rb") as f:
+            os.fsync(f.fileno())
+        if not filecmp.cmp(source, target, shallow=False):
+            raise OSError(errno.EIO, f"the copy '{target}' differs from '{source}'")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def abandoned_folder(parent: Path) -> Path:
+    """PARENT/abandoned-YYYYmmdd-HHMMSS (with -N when that exists already): checkpoints/ or the run directory."""
+    stem = parent / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
     folder, n = stem, 1
     while folder.exists():
         n += 1
@@ -179,7 +233,7 @@ def trim_metrics(run_dir: Path, step: int) -> int:
 
 def find_checkpoint(ckpt_dir: Path, mode: str) -> tuple[tuple[Path, dict] | None, list[Path]]:
     """((path, state) that train.resume=`mode` resumes from, or None; the unreadable checkpoint files)."""
-    if mode == "none":
+    if mode in ("none", "restart"):
         return None, []
     skipped: list[Path] = []
     found = newest_valid_checkpoint(ckpt_dir, skipped) if mode == "auto" else (Path(mode), load_checkpoint(Path(mode)))
@@ -187,6 +241,15 @@ def find_checkpoint(ckpt_dir: Path, mode: str) -> tuple[tuple[Path, dict] | None
     unreadable = skipped + [p for p in list_checkpoints(ckpt_dir)
                             if p not in skipped and p != resumed and not looks_complete(p)]
     return found, unreadable
+
+
+def will_resume(cfg: Config) -> bool:
+    """Whether train.resume will load a checkpoint of cfg.run_dir (a path, or auto with a complete one there): the
+    checkpoint's weights then replace model.init_from's, which need not be read (nor exist any more)."""
+    mode = cfg.train.resume
+    if mode in ("none", "restart"):
+        return False
+    return mode != "auto" or any(looks_complete(p) for p in list_checkpoints(Path(cfg.run_dir) / "checkpoints"))
 
 
 def check_config_change(path: Path, state: dict, cfg: Config) -> None:
@@ -211,11 +274,68 @@ def tidy_for_resume(run_dir: Path, step: int, unreadable: list[Path]) -> None:
     later = [p for p in list_checkpoints(ckpt_dir) if checkpoint_step(p) > step]
     if later:
         folder = abandoned_folder(ckpt_dir)
-        set_aside(later + later_weights(run_dir, step) + later_best(ckpt_dir, step), folder)
+        weights = later_weights(run_dir, step)
+        move_all([(p, folder / p.name) for p in later + weights + later_best(ckpt_dir, step)]
+                 + [(p, folder / "samples" / p.name) for p in later_grids(run_dir, step, final=bool(weights))])
         print(f"difftrain: resuming at step {step}: moved the {len(later)} later checkpoint(s) "
-              f"({later[0].name} .. {later[-1].name}) and their weights aside to '{folder}'; the run, "
-              f"`difftrain sample` and the next resume no longer use them", file=sys.stderr)
+              f"({later[0].name} .. {later[-1].name}), their weights and grids aside to '{folder}'; the run, "
+              f"`difftrain sample`, the report and the next resume no longer use them", file=sys.stderr)
     trim_metrics(run_dir, step)
+
+
+def later_grids(run_dir: Path, step: int, final: bool) -> list[Path]:
+    """samples/step-NNNNNNN[-raw].png of steps after `step`, and the final grids when `final` (the final weights
+    were exported after `step`: the grids are of the same trajectory)."""
+    folder = Path(run_dir) / "samples"
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in sorted(folder.iterdir()):
+        grid = GRID_FILE.fullmatch(path.name)
+        if (grid and int(grid[1]) > step) or (final and path.name in ("final.png", "final-raw.png")):
+            found.append(path)
+    return found
+
+
+def trained_run_files(run_dir: Path) -> list[Path]:
+    """The files that show `run_dir` holds a trained run: metrics lines, checkpoints (readable or not), the best
+    checkpoint, exported weights, post-hoc EMA snapshots. Empty for a new run directory."""
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    found = [p for p in [run_dir / "metrics.jsonl"] if p.is_file() and p.stat().st_size > 0]
+    found += list_checkpoints(ckpt_dir)
+    found += [p for p in (ckpt_dir / BEST_CHECKPOINT, ckpt_dir / BEST_RECORD) if os.path.lexists(p)]
+    found += sorted(run_dir.glob("weights*.safetensors"))
+    found += sorted((run_dir / "ema-snapshots").glob("step-*.safetensors"))
+    return found
+
+
+def refuse_start_over(run_dir: Path, mode: str, unreadable: list[Path]) -> None:
+    """Refuse to train `run_dir` from step 0 when it holds a trained run (train.resume=none, or no checkpoint
+    loads): its metrics, weights, grids, best checkpoint and snapshots would mix with a new model's."""
+    used = trained_run_files(run_dir)
+    if not used:
+        return
+    shown = ", ".join(str(p.relative_to(run_dir)) for p in used[:4]) + (f" and {len(used) - 4} more" if len(used) > 4 else "")
+    why = ("train.resume=none would start it over" if mode == "none" else
+           f"no checkpoint in it loads ({len(unreadable)} unreadable)" if unreadable else "it has no checkpoint to resume")
+    raise ConfigError(f"run directory '{run_dir}' holds a trained run ({shown}) and {why}. Set train.resume=restart "
+                      f"to move the old run aside to '{run_dir}/abandoned-TIME/' and train from step 0, or train "
+                      f"into another run_dir")
+
+
+def move_run_aside(run_dir: Path) -> Path | None:
+    """train.resume=restart: move everything in `run_dir` but the lock and earlier abandoned-* folders to
+    run_dir/abandoned-TIMESTAMP/ (all or nothing); returns that folder, or None when there was nothing."""
+    run_dir = Path(run_dir)
+    entries = [p for p in sorted(run_dir.iterdir()) if p.name != LOCK_FILE and not p.name.startswith("abandoned-")]
+    if not entries:
+        return None
+    folder = abandoned_folder(run_dir)
+    move_all([(p, folder / p.name) for p in entries])
+    print(f"difftrain: train.resume=restart: moved the previous run ({', '.join(p.name for p in entries)}) aside to "
+          f"'{folder}'; training starts at step 0", file=sys.stderr)
+    return folder
 
 
 def read_best(ckpt_dir: Path) -> dict | None:

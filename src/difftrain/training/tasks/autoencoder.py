@@ -66,7 +66,7 @@ class AutoencoderTask:
     def selected_by(cfg: Config) -> bool:
         return cfg.autoencoder.kind != "none"
 
-    def __init__(self, cfg: Config, world: World, device: torch.device):
+    def __init__(self, cfg: Config, world: World, device: torch.device, resuming: bool = False):
         self.cfg, self.device = cfg, device
         t, ae = cfg.train, cfg.autoencoder
         check_autoencoder_config(cfg)

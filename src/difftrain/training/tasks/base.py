@@ -45,8 +45,9 @@ class Window(Protocol):
 
 
 class Task(Protocol):
-    """One kind of training. Built as `Task(cfg, world, device)` after the engine has joined the process group
-    and seeded the RNGs; it loads its data and resolves the config keys that depend on it."""
+    """One kind of training. Built as `Task(cfg, world, device, resuming=...)` after the engine has joined the process
+    group and seeded the RNGs; it loads its data and resolves the config keys that depend on it. `resuming`: a
+    checkpoint will replace its weights (so model.init_from is not read)."""
 
     distributed: bool  # False: the engine refuses to run it under torchrun
     data: Splits  # the engine batches data.train (images or latents) with a BatchStream

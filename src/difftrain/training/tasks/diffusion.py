@@ -62,7 +62,7 @@ class DiffusionTask:
     def selected_by(cfg: Config) -> bool:
         return cfg.autoencoder.kind == "none"
 
-    def __init__(self, cfg: Config, world: World, device: torch.device):
+    def __init__(self, cfg: Config, world: World, device: torch.device, resuming: bool = False):
         self.cfg, self.world, self.device = cfg, world, device
         t = cfg.train
         self.data = load_training_data(cfg, world, device)
@@ -75,7 +75,8 @@ class DiffusionTask:
             raise ConfigError(f"sample.sampler / sample.steps: {e}") from None
         self.timesteps = build_timestep_sampler(t.timestep_sampler, self.process, device)
         self.model = build_model(cfg.model).to(device)
-        init_weights(self.model, cfg.model.init_from, cfg)  # model.init_from: a run's, safetensors or diffusers weights
+        if not resuming:  # model.init_from: a run's, safetensors or diffusers weights (a resume loads its own)
+            init_weights(self.model, cfg.model.init_from, cfg)
         self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
         self.emas = [EMA(self.model, rate, t.ema_warmup, t.ema_start) for rate in t.ema_rates]
