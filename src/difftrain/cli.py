@@ -194,7 +194,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                   f"guidance {sc.guidance if args.guidance is None else args.guidance}")
     metric = args.metric or default_metric(data)
     result = evaluate_samples(images, labels, metric, data=data, cache=args.cache_dir,
-                              inception_weights=args.inception_weights, device=str(resolve_device(args.device)))
+                              inception_weights=args.inception_weights, device=str(resolve_device(args.device)),
+                              source=f"'{args.samples}'" if args.samples else f"the samples of '{args.run}'")
     result["samples"] = source
     print(f"samples: {source}")
     print(format_report(result))
