@@ -58,8 +58,13 @@ def parse_classes(text: str, num_classes: int) -> list[int] | None:
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides)
     if args.dry_run:
+        from difftrain.training.resources import MemoryEstimate, estimate_memory
+
+        estimate = estimate_memory(cfg)  # also refuses a batch larger than the training split
         print(cfg.to_yaml(), end="")
-        if cfg.train.budget:  # a YAML comment: the output stays a valid config
+        # YAML comments: the output stays a valid config
+        print(estimate.describe() if isinstance(estimate, MemoryEstimate) else f"# {estimate}")
+        if cfg.train.budget:
             from difftrain.training.budget import describe
 
             print(f"# {describe(cfg)}")

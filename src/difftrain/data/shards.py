@@ -39,7 +39,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from difftrain.data.folder import DECODE_ERRORS, DataError, read_image
-from difftrain.data.memory import ImageSet, to_model_range
+from difftrain.data.memory import ImageSet, check_batch_size, to_model_range
 from difftrain.data.shard_writer import INDEX_NAME, write_shards  # noqa: F401 (also imported from here)
 
 IMAGE_KEYS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -288,6 +288,7 @@ class ShardStream:
 
     def __init__(self, data: ShardSet, batch_size: int, *, seed: int = 0, random_flip: bool = False,
                  device: torch.device | str = "cpu"):
+        check_batch_size(batch_size, len(data))  # len 0: unknown without an index
         self.data, self.batch_size, self.seed = data, batch_size, seed
         self.random_flip, self.device = random_flip, torch.device(device)
         self.epoch, self.offset, self.shard, self.item = 0, 0, 0, 0
