@@ -39,6 +39,7 @@ def evaluate_samples(images: Tensor, labels: Tensor | None, metric: str, *, data
         from difftrain.evaluation.classifier import classifier_metrics, load_reference
 
         reference = load_reference(data, int(images.shape[-1]))
+        check_samples(len(images), labels, len(reference.class_names), source)
         return {**classifier_metrics(images, labels, reference, cache=cache, source=source), "metric": metric}
 
     from difftrain.evaluation.fidelity import check_fidelity, fidelity_metrics
