@@ -91,3 +91,27 @@ def test_pickles_cannot_run_code(tmp_path):
         pickle.dump({"data": Evil(), "labels": []}, f)
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
         load_data(DataConfig(name="cifar10", path=str(tmp_path), image_size=32))
+
+
+@pytest.mark.parametrize("name, module, folder", [
+    ("cifar10", "cifar", "cifar-10-batches-py"), ("cifar100", "cifar", "cifar-100-python"),
+    ("mnist", "mnist", "MNIST/raw"), ("fashion_mnist", "mnist", "FashionMNIST/raw"),
+])
+def test_an_offline_download_is_a_data_error_saying_where_to_put_the_files(tmp_path, monkeypatch, name, module, folder):
+    """Every downloading data set: torchvision's fetch raising URLError (no network here: it is monkeypatched)
+    becomes a DataError naming the folder; files already in data.path stay as they were."""
+    import urllib.error
+
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(getattr(torchvision.datasets, module), "download_and_extract_archive", offline)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(DataError) as e:
+        load_data(DataConfig(name=name, path=str(tmp_path), image_size=32, download=True))
+    msg = str(e.value)
+    assert "failed" in msg and "Temporary failure in name resolution" in msg and str(tmp_path) in msg
+    assert folder.split("/")[0] in msg and "data.download=false" in msg
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -132,3 +132,67 @@ def test_training_loop_streams_shards_and_resumes(shards, tmp_path):
     train(load_config("digits", over))
     state = load_checkpoint(sorted((run / "checkpoints").glob("*.pt"))[-1])
     assert state["step"] == 4 and (state["data"]["epoch"], state["data"]["offset"]) == (1, 6)
+
+
+# --- shards.json entries (issue #24) ------------------------------------------------------------
+
+def edit_index(shards, edit):
+    meta = json.loads((shards / "shards.json").read_text())
+    edit(meta)
+    (shards / "shards.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("count", [-1, -100, True])
+def test_a_negative_shard_count_is_an_error_naming_the_index_and_entry(shards, count):
+    edit_index(shards, lambda m: m["shards"][1].update(count=count))
+    with pytest.raises(DataError, match=rf"shards.json': shards\[1\] \('shard-000001.tar'\) has the count {count}"):
+        load_data(DataConfig(name="shards", path=str(shards), image_size=8))
+
+
+@pytest.mark.parametrize("file", ["../outside.tar", "sub/../../outside.tar", "ABSOLUTE", "http://elsewhere/x.tar",
+                                  "", "./shard-000000.tar"])
+def test_a_shard_file_outside_the_index_folder_is_refused(shards, tmp_path, file):
+    outside = tmp_path / "outside.tar"
+    outside.write_bytes((shards / "shard-000000.tar").read_bytes())  # a readable shard: only the path is wrong
+    file = str(outside) if file == "ABSOLUTE" else file
+    edit_index(shards, lambda m: m["shards"][2].update(file=file))
+    with pytest.raises(DataError, match=r"shards.json': shards\[2\] has the file .*relative path inside the index"):
+        load_data(DataConfig(name="shards", path=str(shards), image_size=8))
+
+
+def test_a_shard_symlink_leading_out_of_the_index_folder_is_refused(shards, tmp_path):
+    outside = tmp_path / "outside.tar"
+    outside.write_bytes((shards / "shard-000000.tar").read_bytes())
+    (shards / "link.tar").symlink_to(outside)
+    edit_index(shards, lambda m: m["shards"][0].update(file="link.tar"))
+    with pytest.raises(DataError, match=r"shards\[0\] \('link.tar'\) leads out of the index's folder"):
+        load_data(DataConfig(name="shards", path=str(shards / "shards.json"), image_size=8))
+    (shards / "inside.tar").symlink_to(shards / "shard-000001.tar")  # a link within the folder is fine
+    edit_index(shards, lambda m: m["shards"][0].update(file="inside.tar", count=3))
+    assert len(load_data(DataConfig(name="shards", path=str(shards), image_size=8)).train) == 10
+
+
+def test_an_index_without_classes_over_labelled_shards_is_an_error(shards):
+    """`"classes": []` makes an unlabelled set (what `data shard` writes for class_from=none, every label 0);
+    labelled shards under such an index would silently train an unconditional model."""
+    edit_index(shards, lambda m: m.update(classes=[]))
+    data = load_data(DataConfig(name="shards", path=str(shards), image_size=8))
+    assert data.num_classes == 0
+    with pytest.raises(DataError, match=r"has the label 1, but shards.json lists no classes \(\"classes\": \[\]"):
+        stream = BatchStream(data.train, 10, seed=0)
+        stream.next()
+    write_shards(shards.parent / "imgs", shards.parent / "plain", 4, class_from="none")
+    plain = load_data(DataConfig(name="shards", path=str(shards.parent / "plain"), image_size=8))
+    x, y = BatchStream(plain.train, 10, seed=0).next()
+    assert plain.num_classes == 0 and y.tolist() == [0] * 10
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(shards=[]), "lists no shards"),
+    (lambda m: m.update(classes=["cat", "cat"]), "'classes' must be a list of distinct class names"),
+    (lambda m: m.update(classes=[1, 2]), "'classes' must be a list of distinct class names"),
+])
+def test_an_index_without_shards_or_with_bad_class_names_is_an_error(shards, edit, message):
+    edit_index(shards, edit)
+    with pytest.raises(DataError, match=message):
+        load_data(DataConfig(name="shards", path=str(shards), image_size=8))

@@ -68,3 +68,28 @@ def test_bad_npz(tmp_path):
         load_npz(bad)
     proc = run_cli("eval", check=False)
     assert proc.returncode == 2 and "--samples" in proc.stderr
+
+
+@pytest.mark.parametrize("metric", ["digits", "fid"])
+def test_a_one_sample_npz_is_an_error_naming_the_file_and_the_minimum(tmp_path, cache_env, metric):
+    test = load_digits_splits(8).test
+    npz = write_npz(test.images[:1], test.labels[:1], tmp_path / "one.npz")
+    proc = run_cli("eval", "--samples", str(npz), "--metric", metric, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"'{npz}': 1 sample(s), but the Fréchet distance needs at least 2" in proc.stderr
+
+
+@pytest.mark.parametrize("label", [10, 11, 1000])
+def test_npz_labels_outside_the_reference_classes_are_an_error_naming_the_file_and_range(tmp_path, cache_env, label):
+    test = load_digits_splits(8).test
+    labels = test.labels[:20].clone()
+    labels[7] = label
+    npz = write_npz(test.images[:20], labels, tmp_path / "x.npz")
+    proc = run_cli("eval", "--samples", str(npz), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"'{npz}': label {label} of sample 7 (1 label(s) in all) is outside the classes 0..9" in proc.stderr
+    import numpy as np
+
+    np.savez(tmp_path / "neg.npz", test.images[:4].permute(0, 2, 3, 1).numpy(), np.array([0, -1, 2, 3]))
+    proc = run_cli("eval", "--samples", str(tmp_path / "neg.npz"), check=False)
+    assert proc.returncode == 2 and "neg.npz': arr_1 must hold class indices (integers >= 0)" in proc.stderr

@@ -20,8 +20,8 @@ from PIL import Image
 
 from difftrain.checkpoint import CheckpointError, load_checkpoint
 from difftrain.cli import main
-from difftrain.config import Config, ConfigError, _all_keys, config_from_dict, load_config
-from difftrain.data import DataError
+from difftrain.config import Config, ConfigError, DataConfig, _all_keys, config_from_dict, load_config
+from difftrain.data import DataError, load_data
 from difftrain.data.fonts import read_fonts_file
 from difftrain.data.shards import read_shard, write_shards
 from difftrain.evaluation.samples import SamplesError, load_npz
@@ -286,3 +286,69 @@ def test_truncated_run_checkpoint_in_the_cli(tiny_run, tmp_path, capsys, cut):
     path.write_bytes(ckpt[: math.floor(cut * (len(ckpt) - 1))])
     rc, err = run_main(capsys, ["sample", path, "--n=1", "--steps=1", "--quiet", "--out", tmp_path / "g.png"])
     assert rc == 2 and "step-0000020.pt" in err and "Traceback" not in err
+
+
+# --- shards.json contents (issue #24) -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def shard_folder(tmp_path_factory):
+    """shards/ with 2 shards of 2 samples (classes cat, dog), a copy outside it and a symlink leading there."""
+    from tests.test_datasets_shards import make_folder
+
+    root = tmp_path_factory.mktemp("shards-json")
+    write_shards(make_folder(root / "imgs", per_class=2), root / "shards", 2)
+    (root / "outside.tar").write_bytes((root / "shards" / "shard-000000.tar").read_bytes())
+    (root / "shards" / "link-out.tar").symlink_to(root / "outside.tar")
+    return root / "shards"
+
+
+FILES = ["shard-000000.tar", "shard-000001.tar", "../outside.tar", "link-out.tar", "missing.tar", "", ".", "..",
+         "./shard-000000.tar", "sub/../shard-000001.tar", "http://example.invalid/x.tar", "C:shard.tar", "a\\..\\b.tar"]
+JSON_VALUES = st.none() | st.booleans() | st.integers(-3, 6) | st.floats(allow_nan=True) | st.text(max_size=6)
+
+
+def mostly(good: st.SearchStrategy, bad: st.SearchStrategy) -> st.SearchStrategy:
+    """`good` four times in five, else `bad` (a plain `|` lets a many-branched `bad` take most draws)."""
+    return st.integers(0, 4).flatmap(lambda k: bad if k == 0 else good)
+
+
+ENTRY = mostly(st.fixed_dictionaries({"file": mostly(st.sampled_from(FILES[:2]), st.sampled_from(FILES[2:]) | JSON_VALUES),
+                                      "count": mostly(st.integers(0, 2), st.integers(-3, 6) | JSON_VALUES)}), JSON_VALUES)
+CLASSES = mostly(st.sampled_from([["cat", "dog"], ["cat", "dog"], [], ["cat"], ["cat", "cat"], [1, 2], ["a", "b", "c"]]),
+                 st.lists(st.sampled_from(["cat", "dog", ""]) | st.integers(-1, 2), max_size=3) | JSON_VALUES)
+
+
+def _kind(message: str) -> str:
+    """A short name of an error message for Hypothesis' statistics."""
+    for word in ("damaged", "has the count", "relative path", "leads out", "lists no shards", "classes", "not found",
+                 "No such file", "truncated", "label", "train.batch_size"):
+        if word in message:
+            return word
+    return message[:60]
+
+
+@fuzz(60)
+@given(shards=mostly(st.lists(ENTRY, max_size=3), JSON_VALUES), classes=CLASSES,
+       absolute=st.booleans())
+def test_any_shards_json_loads_or_is_a_clean_error(shard_folder, shards, classes, absolute):
+    """Whatever shards.json holds, the set loads and streams within its folder and classes, or a DataError /
+    ConfigError names the index; a shard outside the folder is never read."""
+    import json
+    from pathlib import Path
+
+    if absolute and isinstance(shards, list) and shards and isinstance(shards[0], dict):
+        shards[0]["file"] = str(shard_folder.parent / "outside.tar")
+    index = shard_folder / "shards.json"
+    index.write_text(json.dumps({"format": "difftrain-shards", "version": 1, "classes": classes, "shards": shards}))
+    try:
+        data = load_data(DataConfig(name="shards", path=str(shard_folder), image_size=8))
+        folder = shard_folder.resolve()
+        assert all(Path(u).resolve().is_relative_to(folder) for u in data.train.urls)
+        assert all(isinstance(c, int) and c >= 0 for c in data.train.counts)
+        x, y = data.train.make_stream(min(2, len(data.train) or 2)).next()
+    except (DataError, ConfigError) as e:
+        event(_kind(str(e)))
+        assert "shards.json" in str(e) or "shard '" in str(e) or "train.batch_size" in str(e), str(e)
+        return
+    event("loaded")
+    assert x.shape[1:] == (3, 8, 8) and all(0 <= v < max(1, len(data.train.class_names)) for v in y.tolist())

@@ -2,6 +2,7 @@
 error that names the file / key / option and the valid range, never a traceback or silent garbage."""
 
 import io
+import math
 import struct
 import tarfile
 import zlib
@@ -391,3 +392,52 @@ def test_a_grid_sampler_that_does_not_fit_the_process_fails_before_training(tmp_
                  "train.progress=false", "train.tensorboard=false"])
     assert code == 2
     assert not (run_dir / "checkpoints").exists()
+
+
+# --- resources (#24) --------------------------------------------------------------------------
+
+def test_a_batch_larger_than_the_training_split_is_refused_naming_both_numbers(tmp_path, capsys):
+    n = len(load_data(DataConfig(name="digits", image_size=8)).train)
+    for dry in (["--dry-run"], []):  # the dry run first: on code without the check the training would exhaust memory
+        rc, out, err = cli(capsys, "train", "digits", f"run_dir={tmp_path / 'run'}", "train.batch_size=1000000", *dry)
+        assert rc == 2 and f"a batch of 1000000 images (train.batch_size x processes) is larger than the training " \
+                           f"split of {n} images; set train.batch_size to at most {n}" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    sh = shard_dir(tmp_path)  # 6 images in shards: the stream refuses too
+    with pytest.raises(ConfigError, match="a batch of 7 images .* training split of 6 images"):
+        load_data(DataConfig(name="shards", path=str(sh), image_size=8)).train.make_stream(7)
+
+
+class _Scale(torch.nn.Module):
+    """x * w: autograd saves x (B x D float32) and w (a parameter, counted in the model state)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(d))
+
+    def forward(self, x, t, y=None):
+        return (x * self.w).relu()  # relu saves its output too: another B x D x 4 bytes
+
+
+def test_saved_activations_are_counted_once_each_without_the_weights():
+    from difftrain.training.resources import saved_activation_bytes
+
+    assert saved_activation_bytes(_Scale(5), torch.randn(3, 5), torch.zeros(3), None) == 2 * 3 * 5 * 4
+
+
+def test_the_dry_run_states_a_memory_estimate(capsys):
+    from difftrain.models import build_model
+    from difftrain.training.options import resolve_config
+
+    rc, out, _ = cli(capsys, "train", "digits", "train.batch_size=64", "train.ema_rates=[0.9,0.99]", "--dry-run")
+    cfg = load_config("digits", ["train.batch_size=64"])
+    splits = load_data(cfg.data)
+    params = sum(p.numel() for p in build_model(resolve_config(cfg, splits).model).parameters())
+    lines = [ln for ln in out.splitlines() if ln.startswith("#")]
+    assert rc == 0 and lines[0].startswith("# memory estimate per device: ") and "an estimate" in lines[-1]
+    assert f"({len(splits.train)} training images in memory)" in out
+    assert f"({params:,} parameters x 6 copies: weights, grads, 2 AdamW moments, EMAs)" in out
+    total = float(lines[0].split(": ")[1].split()[0])
+    per_sample_mb = float(out.split("activations ")[1].split("(")[1].split()[0])
+    state_gb = params * 4 * 6 / 1024**3
+    assert math.isfinite(total) and per_sample_mb > 0 and total >= state_gb + 64 * per_sample_mb / 1024 * 0.99

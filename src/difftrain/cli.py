@@ -58,8 +58,13 @@ def parse_classes(text: str, num_classes: int) -> list[int] | None:
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides)
     if args.dry_run:
+        from difftrain.training.resources import MemoryEstimate, estimate_memory
+
+        estimate = estimate_memory(cfg)  # also refuses a batch larger than the training split
         print(cfg.to_yaml(), end="")
-        if cfg.train.budget:  # a YAML comment: the output stays a valid config
+        # YAML comments: the output stays a valid config
+        print(estimate.describe() if isinstance(estimate, MemoryEstimate) else f"# {estimate}")
+        if cfg.train.budget:
             from difftrain.training.budget import describe
 
             print(f"# {describe(cfg)}")
@@ -194,7 +199,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                   f"guidance {sc.guidance if args.guidance is None else args.guidance}")
     metric = args.metric or default_metric(data)
     result = evaluate_samples(images, labels, metric, data=data, cache=args.cache_dir,
-                              inception_weights=args.inception_weights, device=str(resolve_device(args.device)))
+                              inception_weights=args.inception_weights, device=str(resolve_device(args.device)),
+                              source=f"'{args.samples}'" if args.samples else f"the samples of '{args.run}'")
     result["samples"] = source
     print(f"samples: {source}")
     print(format_report(result))

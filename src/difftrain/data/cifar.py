@@ -60,11 +60,19 @@ def find_cifar_folder(path: str | Path, name: str) -> Path:
 
 
 def download_cifar(path: str | Path, name: str) -> None:
+    """torchvision's download into `path`; a failure (offline, proxy, checksum) is a DataError saying where
+    to put the files instead, as for MNIST."""
     from torchvision import datasets
 
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
-    Path(path).expanduser().mkdir(parents=True, exist_ok=True)
-    cls(str(Path(path).expanduser()), train=True, download=True)
+    root = Path(path).expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        cls(str(root), train=True, download=True)
+    except Exception as e:  # URLError, a timeout, a checksum mismatch, a full disk: torchvision raises them all
+        raise DataError(f"downloading {name} into '{root}' failed: {str(e) or type(e).__name__}; on a machine with "
+                        f"network access fetch {cls.url} and unpack it there (it holds '{LAYOUTS[name][0]}'), "
+                        f"then point data.path at '{root}' and set data.download=false") from None
 
 
 def _read_split(folder: Path, files: list[str], label_key: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -178,7 +178,8 @@ def _inspect_shards(report: Report, spec: str, image_size: int, preview: _Previe
         if limit and seen >= limit:
             break
         try:
-            read = _inspect_shard(report, url, image_size, preview, counter, limit - seen if limit else 0)
+            read = _inspect_shard(report, url, image_size, preview, counter, limit - seen if limit else 0,
+                                  len(report.class_names) if meta else None)
             seen += read
             if not limit:
                 check_count(url, read, expected)
@@ -189,15 +190,17 @@ def _inspect_shards(report: Report, spec: str, image_size: int, preview: _Previe
     report.class_counts["all"] = counter
 
 
-def _inspect_shard(report: Report, url: str, image_size: int, preview: _Preview, counter: Counter, limit: int) -> int:
-    """Adds one shard's samples to the report; returns how many were read (at most `limit` when > 0)."""
+def _inspect_shard(report: Report, url: str, image_size: int, preview: _Preview, counter: Counter, limit: int,
+                   num_classes: int | None) -> int:
+    """Adds one shard's samples to the report; returns how many were read (at most `limit` when > 0);
+    num_classes: the index's class count (None: no index), see `check_label`."""
     seen = 0
     for key, payload, label in iter_shard(url):
         if limit and seen >= limit:
             break
         seen += 1
         try:
-            check_label(label, len(report.class_names), url, key)
+            check_label(label, num_classes, url, key)
             if payload is None:
                 raise ValueError("no image member")
             with Image.open(io.BytesIO(payload)) as img:

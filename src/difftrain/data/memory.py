@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from difftrain.config import ConfigError
+
 
 @dataclass
 class ImageSet:
@@ -66,6 +68,14 @@ class Splits:
         return self.train.num_classes
 
 
+def check_batch_size(batch_size: int, n: int) -> None:
+    """A ConfigError when a (global) batch holds more images than the training split (n > 0): each batch would
+    repeat images and need the memory of `batch_size` samples (train.batch_size=10**6 on 1257 digits took 23 GB)."""
+    if n and batch_size > n:
+        raise ConfigError(f"train.batch_size: a batch of {batch_size} images (train.batch_size x processes) is larger "
+                          f"than the training split of {n} images; set train.batch_size to at most {n}")
+
+
 def to_model_range(images: Tensor) -> Tensor:
     """uint8 [0, 255] -> float [-1, 1]; float tensors (latent data sets) pass through as float32."""
     if images.is_floating_point():
@@ -100,6 +110,7 @@ class BatchStream:
                  device: torch.device | str = "cpu"):
         if len(data) == 0:
             raise ValueError("the training split is empty")
+        check_batch_size(batch_size, len(data))
         self.data, self.batch_size, self.seed = data, batch_size, seed
         self.random_flip, self.device = random_flip, torch.device(device)
         self.images = data.images.to(self.device)

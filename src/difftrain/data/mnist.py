@@ -73,7 +73,9 @@ def load_mnist_splits(name: str = "mnist", path: str | None = None, *, image_siz
             for train in (True, False):
                 getattr(torchvision.datasets, sub)(str(root), train=train, download=True)
         except Exception as e:  # offline, proxy, checksum
-            raise DataError(f"downloading {sub} into '{root}' failed: {e}") from None
+            raise DataError(f"downloading {sub} into '{root}' failed: {str(e) or type(e).__name__}; on a machine "
+                            f"with network access fetch the IDX files ({', '.join(f'{s}.gz' for s in stems)}) and put "
+                            f"them in '{root}' or '{root / sub / 'raw'}', then set data.download=false") from None
     missing = [s for s in stems if _find(folders, s) is None]
     if missing:
         looked_for = "; ".join(f"{s}[.gz] or {file_names(s)[2]}[.gz]" for s in missing)

@@ -39,7 +39,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from difftrain.data.folder import DECODE_ERRORS, DataError, read_image
-from difftrain.data.memory import ImageSet, to_model_range
+from difftrain.data.memory import ImageSet, check_batch_size, to_model_range
 from difftrain.data.shard_writer import INDEX_NAME, write_shards  # noqa: F401 (also imported from here)
 
 IMAGE_KEYS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -85,10 +85,35 @@ def _read_index(spec: str) -> dict:
             or not all(isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("count"), int)
                        for s in shards)):
         raise DataError(f"shard index '{spec}' is damaged: it needs 'classes' and 'shards' [{{file, count}}, ...]")
+    if not all(isinstance(c, str) for c in classes) or len(set(classes)) != len(classes):
+        raise DataError(f"shard index '{spec}': 'classes' must be a list of distinct class names, got {classes!r:.200}")
+    if not shards:
+        raise DataError(f"shard index '{spec}' lists no shards")
     base = spec.rsplit("/", 1)[0] if is_url(spec) else str(Path(spec).parent)
-    for s in meta["shards"]:
+    for i, s in enumerate(shards):
+        if isinstance(s["count"], bool) or s["count"] < 0:
+            raise DataError(f"shard index '{spec}': shards[{i}] ('{s['file']}') has the count {s['count']!r}; "
+                            f"a count is the number of samples in the shard, an integer >= 0")
+        check_shard_file(spec, base, i, s["file"])
         s["url"] = f"{base}/{s['file']}"
     return meta
+
+
+def check_shard_file(spec: str, base: str, i: int, file: str) -> None:
+    """A DataError unless shards[i]'s `file` names a file inside the index's folder: no absolute path,
+    URL or `..` part, and (for a local index) no symlink that leads out of the folder."""
+    parts = file.replace("\\", "/").split("/")
+    if (not file or file.startswith(("/", "\\")) or "://" in file or re.match(r"[A-Za-z]:", file)
+            or any(p in ("", ".", "..") for p in parts) or "\x00" in file):
+        raise DataError(f"shard index '{spec}': shards[{i}] has the file {file!r:.200}; a shard's file must be a "
+                        f"relative path inside the index's folder (no absolute path, URL, '.' or '..' part)")
+    if is_url(spec):
+        return
+    folder = Path(base).resolve()
+    target = (folder / file).resolve()
+    if not target.is_relative_to(folder):
+        raise DataError(f"shard index '{spec}': shards[{i}] ('{file}') leads out of the index's folder "
+                        f"'{folder}' (to '{target}', through a symlink); copy the shard into the folder")
 
 
 def resolve_shards(spec: str) -> tuple[list[str], dict | None]:
@@ -154,8 +179,16 @@ def decode(payload: bytes | None, image_size: int, channels: int) -> np.ndarray:
     return read_image(io.BytesIO(payload), image_size, channels)
 
 
-def check_label(label: int, num_classes: int, url: str, key: str) -> None:
-    """A DataError unless 0 <= label < num_classes (num_classes 0: an unlabelled set, anything goes)."""
+def check_label(label: int, num_classes: int | None, url: str, key: str) -> None:
+    """A DataError unless 0 <= label < num_classes. num_classes None: no index, anything goes; 0: an index
+    that lists no classes (`"classes": []`, an unlabelled set), whose samples must all carry the label 0,
+    so that labelled shards under an index that lost its class names do not train an unconditional model."""
+    if num_classes is None:
+        return
+    if num_classes == 0 and label != 0:
+        raise DataError(f"shard '{url}': sample '{key}' has the label {label}, but {INDEX_NAME} lists no classes "
+                        f"(\"classes\": [], an unlabelled set); list the class names in its 'classes', or rewrite "
+                        f"the shards with `difftrain data shard`")
     if num_classes and not 0 <= label < num_classes:
         raise DataError(f"shard '{url}': sample '{key}' has the label {label}, outside the classes 0..{num_classes - 1} "
                         f"of {INDEX_NAME}")
@@ -169,12 +202,12 @@ def check_count(url: str, found: int, expected: int | None) -> None:
                         f"copy it again or rewrite it with `difftrain data shard`")
 
 
-def read_shard(url: str, image_size: int, channels: int, num_classes: int = 0,
+def read_shard(url: str, image_size: int, channels: int, num_classes: int | None = None,
                expected: int | None = None) -> tuple[Tensor, Tensor, list[str]]:
     """All samples of a shard: images (n, C, H, W) uint8, labels (n,), unreadable 'url:key: error' strings.
 
     A DataError names the shard when it is truncated, holds fewer than `expected` samples (its count in
-    the index) or a label outside 0..num_classes - 1."""
+    the index) or a label outside 0..num_classes - 1 (see `check_label`; None: no index, no check)."""
     arrays, labels, bad = [], [], []
     for key, payload, label in iter_shard(url):
         check_label(label, num_classes, url, key)
@@ -211,7 +244,8 @@ class _EpochShards(IterableDataset):
         for pos in range(self.start + worker, len(self.order), workers):
             i = self.order[pos]
             try:
-                images, labels, bad = read_shard(d.urls[i], d.image_size, d.channels, d.num_classes,
+                images, labels, bad = read_shard(d.urls[i], d.image_size, d.channels,
+                                                 d.num_classes if d.counts is not None else None,
                                                  d.counts[i] if d.counts else None)
             except DataError as e:
                 yield None, None, [], str(e)
@@ -254,6 +288,7 @@ class ShardStream:
 
     def __init__(self, data: ShardSet, batch_size: int, *, seed: int = 0, random_flip: bool = False,
                  device: torch.device | str = "cpu"):
+        check_batch_size(batch_size, len(data))  # len 0: unknown without an index
         self.data, self.batch_size, self.seed = data, batch_size, seed
         self.random_flip, self.device = random_flip, torch.device(device)
         self.epoch, self.offset, self.shard, self.item = 0, 0, 0, 0
@@ -334,5 +369,6 @@ def load_shards_in_memory(spec: str, image_size: int, channels: int | None = Non
     channels = channels or 3
     names = class_names if class_names is not None else (list(meta["classes"]) if meta else [])
     counts = [s["count"] for s in meta["shards"]] if meta else [None] * len(urls)
-    parts = [read_shard(u, image_size, channels, len(names), n) for u, n in zip(urls, counts)]
+    num_classes = len(names) if meta is not None or names else None  # None: no index and no classes, no check
+    parts = [read_shard(u, image_size, channels, num_classes, n) for u, n in zip(urls, counts)]
     return ImageSet(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), names)

@@ -46,6 +46,7 @@ from difftrain.runtime import cache_dir
 VERSION = 5  # bump when the classifier, its training or the cached statistics change: old cache files are retrained
 FORMAT = "difftrain-classifier"
 NEAR_COPY_PERCENTILE = 1.0
+MIN_SAMPLES = 2  # the Fréchet distance fits a covariance to the samples' features
 DEFAULT_DATASETS = ("digits", "mnist", "fashion_mnist", "fonts")  # `difftrain eval` picks this metric for them
 DIGITS_REFERENCE = "sklearn digits, stratified split (30% test, seed 0)"
 
@@ -331,13 +332,30 @@ def _label_fields(logits: Tensor, labels: Tensor | np.ndarray | None, class_name
     return result
 
 
+def check_samples(n: int, labels: Tensor | np.ndarray | None, num_classes: int | None, source: str) -> None:
+    """An EvaluationError naming `source` (the samples' file) unless there are 2+ samples (a Fréchet
+    distance needs a covariance) and every label is a class index 0..num_classes - 1 (None: not checked)."""
+    if n < MIN_SAMPLES:
+        raise EvaluationError(f"{source}: {n} sample(s), but the Fréchet distance needs at least {MIN_SAMPLES} "
+                              f"(the covariance of one sample is undefined); give more samples")
+    if labels is None or num_classes is None:
+        return
+    y = torch.as_tensor(labels).long().flatten()
+    bad = ((y < 0) | (y >= num_classes)).nonzero().flatten()
+    if len(bad):
+        i = int(bad[0])
+        raise EvaluationError(f"{source}: label {int(y[i])} of sample {i} ({len(bad)} label(s) in all) is outside the "
+                              f"classes 0..{num_classes - 1} of the reference data set")
+
+
 def classifier_metrics(images: Tensor | np.ndarray, labels: Tensor | np.ndarray | None, reference: Reference, *,
-                       cache: str | Path | None = None) -> dict:
+                       cache: str | Path | None = None, source: str = "the samples") -> dict:
     """Classifier metrics of uint8 (N, C, H, W) samples against `reference`; `labels` (N,) are the classes
-    they were asked for (None: unconditional, no accuracy). Returns plain numbers (JSON-ready)."""
+    they were asked for (None: unconditional, no accuracy). Returns plain numbers (JSON-ready).
+    `source` names the samples in errors (`check_samples`; `evaluate_samples` also checks the labels' range:
+    here a model with more classes than the reference scores its extra ones as misses)."""
     x = to_reference_images(images, reference.image_size, reference.channels)
-    if len(x) < 2:
-        raise ValueError("need at least 2 samples for a Fréchet distance")
+    check_samples(len(x), None, None, source)
     clf = load_classifier(reference, folder=cache)
     train, test = reference.train, reference.test
     f_samples, logits = embed_and_classify(clf.model, x)

@@ -26,16 +26,21 @@ def default_metric(data: DataConfig | None) -> str:
 
 def evaluate_samples(images: Tensor, labels: Tensor | None, metric: str, *, data: DataConfig | None = None,
                      cache: str | Path | None = None, inception_weights: str | Path | None = None,
-                     device: str = "cpu") -> dict:
+                     device: str = "cpu", source: str = "the samples") -> dict:
     """Metric `metric` of uint8 (N, C, H, W) samples. `data` is the run's data config (the reference
-    is its data set); without it the reference is the digits data at the samples' size."""
+    is its data set); without it the reference is the digits data at the samples' size. `source` names
+    the samples (their file) in errors: too few samples, labels outside the reference's classes."""
+    from difftrain.evaluation.classifier import check_samples
+
     if metric not in METRICS:
         raise EvaluationError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
+    check_samples(len(images), None, None, source)  # before any data set or weights are loaded
     if metric in ("classifier", "digits"):
         from difftrain.evaluation.classifier import classifier_metrics, load_reference
 
         reference = load_reference(data, int(images.shape[-1]))
-        return {**classifier_metrics(images, labels, reference, cache=cache), "metric": metric}
+        check_samples(len(images), labels, len(reference.class_names), source)
+        return {**classifier_metrics(images, labels, reference, cache=cache, source=source), "metric": metric}
 
     from difftrain.evaluation.fidelity import check_fidelity, fidelity_metrics
 
