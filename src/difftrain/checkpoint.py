@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -45,13 +46,67 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, write, what: str = "file") -> None:
-    """Call `write(file)` on a temporary file beside `path`, fsync it, then rename it over `path`.
+TEMP_FILE = re.compile(r"^\.(.+)\.tmp-(\d+)$")  # .NAME.tmp-PID: every temporary file or folder of a write
 
-    Any failure (a full disk: OSError, or torch's RuntimeError around it) removes the temporary file and
+
+def temp_path(path: Path) -> Path:
+    """Where a write of `path` goes first: `.NAME.tmp-PID` beside it (the one naming scheme of temporary files
+    and folders, so a writer killed mid-write leaves something `remove_stale_temp_files` recognises)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError, OSError):
+        return True  # someone else's process (or a pid we cannot ask about): leave its file alone
+    return True
+
+
+def remove_stale_temp_files(folder: Path, name: str | None = None, quiet: bool = False) -> list[Path]:
+    """Delete the temporary files and folders (`.NAME.tmp-PID`) in `folder` whose writer is no longer running:
+    left by a process killed mid-write. `name`: only those of that target. A writer that is alive (this process,
+    or another one such as a `difftrain report` running beside the trainer) keeps its file. Prints one note
+    naming what went, unless `quiet`; returns the removed paths."""
+    import glob
+    import shutil
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = []
+    for p in sorted(folder.glob(f".{glob.escape(name)}.tmp-*" if name else ".*.tmp-*")):
+        found = TEMP_FILE.match(p.name)
+        if found is None or (name is not None and found[1] != name) or _pid_alive(int(found[2])):
+            continue
+        try:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            warnings.warn(f"cannot remove the temporary file '{p}' left by an interrupted write: {e.strerror or e}")
+            continue
+        stale.append(p)
+    if stale and not quiet:
+        print(f"difftrain: removed {len(stale)} temporary file(s) left by interrupted writes (writer no longer "
+              f"running) in '{folder}': {', '.join(p.name for p in stale)}", file=sys.stderr)
+    return stale
+
+
+def atomic_write(path: Path, write, what: str = "file") -> None:
+    """Call `write(file)` on a temporary file beside `path` (`temp_path`), fsync it, then rename it over `path`.
+
+    Temporary files of `path` left by a killed writer are removed first (`remove_stale_temp_files`). Any
+    failure (a full disk: OSError, or torch's RuntimeError around it) removes the temporary file and
     raises CheckpointError naming `what`, the file and the cause; the file at `path` stays as it was."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    remove_stale_temp_files(path.parent, path.name)
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -167,17 +222,6 @@ def looks_complete(path: Path) -> bool:
             return any(name.endswith("data.pkl") for name in z.namelist())
     except (zipfile.BadZipFile, OSError, ValueError):
         return False
-
-
-def remove_stale_temp_files(folder: Path) -> list[Path]:
-    """Delete temporary files that writers killed mid-write left behind (any process but this one)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    stale = [p for p in folder.glob(".*.tmp-*") if not p.name.endswith(f".tmp-{os.getpid()}")]
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
 
 
 def checkpoint_step(path: Path) -> int:
