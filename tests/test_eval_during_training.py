@@ -131,3 +131,89 @@ def test_a_report_that_cannot_be_written_only_warns(tmp_path, monkeypatch, capsy
         Engine(load_config("digits", [f"run_dir={tmp_path}", *SMALL, "train.steps=2"])).run()
     assert "Report page: not written (OSError: disk full)" in capsys.readouterr().err
     assert (tmp_path / "weights-ema.safetensors").is_file()
+
+
+# --- the best checkpoint: best.json derived from best.pt (training/best.py) -----------------------------------
+def fake_best(ckpt, step=6, value=1.0, settings=None):
+    """A best.pt holding the record of `step` (no weights: best.py only reads its "best" entry)."""
+    from difftrain.checkpoint import save_checkpoint
+
+    ckpt.mkdir(parents=True, exist_ok=True)
+    record = {"step": step, "key": "eval_frechet_distance", "value": value, "settings": settings or {}}
+    save_checkpoint({"step": step, "best": record}, ckpt / "best.pt")
+    return record
+
+
+def aside(ckpt):
+    """{name: bytes} of the files moved to checkpoints/best-aside-*/."""
+    return {p.name: p.read_bytes() for p in sorted(ckpt.glob("best-aside-*/*"))}
+
+
+@pytest.mark.parametrize("text", ['"a string"', "null", "[1, 2]", "not json {",
+                                  '{"step": 6, "key": "eval_frechet_distance", "value": NaN}',
+                                  '{"step": "six", "key": "eval_frechet_distance", "value": "low"}'])
+def test_a_malformed_best_json_is_moved_aside_and_rebuilt_from_best_pt(tmp_path, text):
+    from difftrain.training.best import BestCheckpoint
+
+    ckpt = tmp_path / "checkpoints"
+    record = fake_best(ckpt, step=9, value=0.5)
+    (ckpt / "best.json").write_text(text)
+    with pytest.warns(UserWarning, match="best.json' is unusable.*moved best.json aside"):
+        got = BestCheckpoint(ckpt).reconcile()
+    assert {k: got[k] for k in record} == record and got["checkpoint"] == fingerprint(ckpt / "best.pt")
+    assert json.loads((ckpt / "best.json").read_text()) == got
+    assert aside(ckpt) == {"best.json": text.encode()}  # kept, not deleted
+
+
+def test_a_nan_best_is_replaced_by_the_next_score(tmp_path, monkeypatch):
+    """A NaN in best.json (and in best.pt's own record) once meant no score ever beat it."""
+    from difftrain.checkpoint import save_checkpoint
+
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir(parents=True)
+    save_checkpoint({"step": 1, "best": {"step": 1, "key": "eval_frechet_distance", "value": float("nan")}},
+                    ckpt / "best.pt")
+    (ckpt / "best.json").write_text('{"step": 1, "key": "eval_frechet_distance", "value": NaN}')
+    monkeypatch.setattr(Evaluator, "score", lambda self: {"eval_n": 2, "eval_frechet_distance": 7.0})
+    with pytest.warns(UserWarning, match="value nan is not a finite number"):
+        make_trainer(tmp_path, "train.steps=3", "train.eval_every=3").run()
+    assert json.loads((ckpt / "best.json").read_text())["value"] == 7.0
+    assert load_checkpoint(ckpt / "best.pt")["best"]["step"] == 3
+    assert set(aside(ckpt)) == {"best.pt", "best.json"}
+
+
+def test_best_json_out_of_step_with_best_pt_is_rebuilt_or_moved_aside(tmp_path):
+    from difftrain.training.best import BestCheckpoint
+
+    ckpt = tmp_path / "checkpoints"
+    fake_best(ckpt, step=6, value=1.0)
+    BestCheckpoint(ckpt).write_json(json.loads('{"step": 6, "key": "eval_frechet_distance", "value": 1.0}'))
+    old_json = (ckpt / "best.json").read_bytes()
+    fake_best(ckpt, step=9, value=0.5)  # best.pt replaced, then killed before best.json was
+    with pytest.warns(UserWarning, match="does not describe"):
+        assert BestCheckpoint(ckpt).reconcile()["step"] == 9
+    assert aside(ckpt) == {"best.json": old_json}
+    (ckpt / "best.pt").unlink()  # deleted by hand: the record alone describes nothing
+    with pytest.warns(UserWarning, match="no .*best.pt' beside it"):
+        assert BestCheckpoint(ckpt).reconcile() is None
+    assert not (ckpt / "best.json").exists()
+    (ckpt / "best.pt").write_bytes(b"garbage")  # unreadable: moved aside with its record
+    (ckpt / "best.json").write_bytes(old_json)
+    with pytest.warns(UserWarning, match="truncated or corrupt.*a new best"):
+        assert BestCheckpoint(ckpt).reconcile() is None
+    assert not (ckpt / "best.pt").exists() and not (ckpt / "best.json").exists()
+    assert len(list(ckpt.glob("best-aside-*/best.pt"))) == 1
+
+
+def test_a_changed_evaluation_setting_starts_a_new_best(tmp_path, monkeypatch, capsys):
+    scores = {3: 1.0, 6: 2.0, 9: 5.0}  # worse later: only a new best can be step 9
+    monkeypatch.setattr(Evaluator, "score", lambda self: {"eval_n": self.n, "eval_frechet_distance": scores[self.last_step]})
+    make_trainer(tmp_path, "train.steps=6", "train.eval_every=3").run()
+    ckpt = tmp_path / "checkpoints"
+    assert json.loads((ckpt / "best.json").read_text())["step"] == 3
+    with pytest.warns(UserWarning, match=r"other evaluation settings \(n: 500 -> 20\).*new best"):
+        make_trainer(tmp_path, "train.steps=9", "train.eval_every=3", "train.eval_samples=20").run()
+    record = json.loads((ckpt / "best.json").read_text())
+    assert (record["step"], record["value"], record["settings"]["n"]) == (9, 5.0, 20)
+    assert set(aside(ckpt)) == {"best.pt", "best.json"}
+    assert json.loads(aside(ckpt)["best.json"])["step"] == 3
