@@ -249,10 +249,26 @@ def test_stale_temporary_files_go_and_those_of_live_writers_stay(tmp_path, capsy
     assert "removed 2 temporary file(s)" in capsys.readouterr().err
 
 
-def test_atomic_write_removes_the_stale_temporary_files_of_its_target(tmp_path):
+def test_atomic_write_removes_stale_temporary_files_once_per_folder(tmp_path, capsys):
     dead = dead_pid()
     (tmp_path / f".report.html.tmp-{dead}").write_bytes(b"cut short")
-    (tmp_path / f".other.html.tmp-{dead}").write_bytes(b"another target's")
+    (tmp_path / f".other.html.tmp-{dead}").write_bytes(b"another target's, also dead")
+    (tmp_path / f".live.html.tmp-{os.getppid()}").write_bytes(b"a live writer's")
     ckpt.atomic_write(tmp_path / "report.html", lambda f: f.write(b"<html>"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f".other.html.tmp-{dead}", "report.html"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".live.html.tmp-{os.getppid()}", "report.html"]
+    assert "removed 2 temporary file(s)" in capsys.readouterr().err
+    (tmp_path / f".late.html.tmp-{dead}").write_bytes(b"x")
+    ckpt.atomic_write(tmp_path / "page.html", lambda f: f.write(b"<html>"))  # the folder was swept already
+    assert (tmp_path / f".late.html.tmp-{dead}").exists()
     assert ckpt.temp_path(tmp_path / "x.pt").name == f".x.pt.tmp-{os.getpid()}"
+
+
+def test_sigterm_during_the_last_step_writes_the_checkpoint_and_the_weights(tmp_path, capsys):
+    from tests.test_engine_resume import stop_after
+
+    tr = make_trainer(tmp_path, "train.steps=4")
+    stop_after(tr, 4)
+    tr.run()
+    err = capsys.readouterr().err
+    assert (tmp_path / "checkpoints" / "step-0000004.pt").is_file() and (tmp_path / "weights-ema.safetensors").is_file()
+    assert "skipped the final grids" in err and not (tmp_path / "samples" / "final.png").exists()

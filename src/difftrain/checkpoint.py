@@ -98,14 +98,21 @@ def remove_stale_temp_files(folder: Path, name: str | None = None, quiet: bool =
     return stale
 
 
+_SWEPT: set[str] = set()  # folders this process has removed stale temporary files from
+
+
 def atomic_write(path: Path, write, what: str = "file") -> None:
     """Call `write(file)` on a temporary file beside `path` (`temp_path`), fsync it, then rename it over `path`.
 
-    Temporary files of `path` left by a killed writer are removed first (`remove_stale_temp_files`). Any
+    The first write of this process into a folder first removes the temporary files that killed writers left
+    there (`remove_stale_temp_files`; once per folder, so writing many files stays linear). Any
     failure (a full disk: OSError, or torch's RuntimeError around it) removes the temporary file and
     raises CheckpointError naming `what`, the file and the cause; the file at `path` stays as it was."""
     path = Path(path)
-    remove_stale_temp_files(path.parent, path.name)
+    folder = os.path.abspath(path.parent)
+    if folder not in _SWEPT:
+        _SWEPT.add(folder)
+        remove_stale_temp_files(path.parent)
     tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:

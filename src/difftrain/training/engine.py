@@ -9,7 +9,7 @@ summary). The task owns the models, optimizers and EMAs and takes one step at a 
 Run directory layout (see docs/architecture.md):
     config.yaml                   resolved config
     checkpoints/step-NNNNNNN.pt   everything needed to resume exactly (see `Engine.state_dict`)
-    checkpoints/best.pt           train.eval_every: the best-scoring checkpoint (best.json: its step and score)
+    checkpoints/best.pt           train.eval_every: the best-scoring checkpoint (best.json: derived, training/best.py)
     weights.safetensors           final raw weights
     weights-ema.safetensors       final weights of the first EMA rate (weights-ema-RATE.safetensors: the others)
     metrics.jsonl                 one JSON object per log line
@@ -51,7 +51,7 @@ from difftrain.training.options import check_train_config, train_device
 from difftrain.training.phema import posthoc_ema, set_aside_later_snapshots
 from difftrain.training.rundir import RunLock, check_config_change, find_checkpoint, tidy_for_resume, write_report_page
 from difftrain.training.schedules import base_lr
-from difftrain.training.state import StopSignals, Stopped, rng_state, seed_everything, set_rng_state
+from difftrain.training.state import Stopped, StopSignals, rng_state, seed_everything, set_rng_state
 from difftrain.training.tasks import TASKS, StepResult, task_for
 
 

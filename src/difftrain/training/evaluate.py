@@ -38,10 +38,10 @@ import torch
 from difftrain.config import Config, ConfigError
 from difftrain.evaluation import EvaluationError
 from difftrain.training import distributed
+from difftrain.training.best import BEST_KEYS, BestCheckpoint
 from difftrain.training.distributed import World
 from difftrain.training.metrics import MetricsLog
-from difftrain.training.best import BEST_KEYS, BestCheckpoint
-from difftrain.training.state import StopSignals, Stopped
+from difftrain.training.state import Stopped, StopSignals
 from difftrain.training.tasks import Task
 
 CLASSIFIER_KEYS = {"accuracy": "eval_accuracy", "classifier_test_accuracy": "eval_accuracy_test",
