@@ -217,3 +217,13 @@ def test_a_changed_evaluation_setting_starts_a_new_best(tmp_path, monkeypatch, c
     assert (record["step"], record["value"], record["settings"]["n"]) == (9, 5.0, 20)
     assert set(aside(ckpt)) == {"best.pt", "best.json"}
     assert json.loads(aside(ckpt)["best.json"])["step"] == 3
+
+
+def test_an_out_of_step_best_json_is_found_when_training_starts(tmp_path, monkeypatch, capsys):
+    ckpt, seen = tmp_path / "checkpoints", []
+    monkeypatch.setattr(Evaluator, "score", lambda self: seen.append((ckpt / "best.json").is_file()) or {})
+    fake_best(ckpt, step=2, value=0.5)
+    make_trainer(tmp_path, "train.steps=2", "train.eval_every=100").run()
+    assert "best.json' is missing; rebuilt it from the record inside best.pt (step 2" in capsys.readouterr().err
+    assert seen == [True]  # rebuilt before the only evaluation (the final one)
+    assert json.loads((ckpt / "best.json").read_text())["step"] == 2

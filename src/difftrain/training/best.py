@@ -9,7 +9,7 @@ the truth. best.json is derived from it, so the scores can be compared without l
 
 - `record_problem`: what is wrong with a record (not a dict, a step that is not a whole number >= 0, a key
   that is not a ranking metric, a value that is not a finite number, settings that are not a dict).
-- `BestCheckpoint.reconcile`: once per run, before the first comparison: a best.json that is malformed,
+- `BestCheckpoint.reconcile`: once per run, when training starts (rank 0, under the run's lock): a best.json that is malformed,
   or that does not describe the best.pt beside it (a run killed between the two writes, a file deleted or
   replaced) is moved aside and rebuilt from best.pt's own record; a best.pt that cannot be read or holds no
   valid record is moved aside with its best.json. Nothing is deleted: what goes, goes to
@@ -59,10 +59,13 @@ def record_problem(record) -> str | None:
 def fingerprint(path: Path) -> dict:
     """{"bytes", "sha256"} of a file: what best.json records of the best.pt it describes."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return {"bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return {"bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
+    except OSError as e:
+        raise CheckpointError(f"cannot read the best checkpoint '{path}': {e.strerror or e}") from None
 
 
 def aside_folder(ckpt_dir: Path) -> Path:

@@ -308,6 +308,8 @@ class Engine:
         if world.main:
             for folder in (self.run_dir, self.run_dir / "samples"):  # left by writers killed mid-write
                 remove_stale_temp_files(folder)
+            if cfg.train.eval_every:  # a best.json out of step with best.pt is found now, not at the first score
+                self.evaluator.best.reconcile()
             atomic_write(self.run_dir / "config.yaml", lambda f: f.write(cfg.to_yaml().encode()), what="config")
             write_run_info(self.run_dir, self.device, world.size)  # the machine, for the report page
             log = MetricsLog(self.run_dir, cfg.train.tensorboard, cfg.train.wandb, cfg.to_dict())
