@@ -89,6 +89,7 @@ class Evaluator:
         self.metrics: dict | None = None  # what applies, decided at the first evaluation: {"classifier": Reference, "fid": ...}
         self.last_step = -1  # the step evaluated last: a run that ends at an eval step is scored once
         self.cut_short: int | None = None  # the step whose evaluation a stop signal cut short
+        self.stop: StopSignals | None = None  # the run's stop signals, during evaluate()
         if self.every:
             self.check()
 
@@ -118,7 +119,8 @@ class Evaluator:
         if step == self.last_step:
             return {}
         self.last_step = step
-        scores = self.score_unless_stopped(step, stop) if self.world.main else {}
+        self.stop = stop
+        scores = self.score_unless_stopped(step) if self.world.main else {}
         if log is not None and scores:
             log.log(step, **scores)
         best = self.improved(scores)
@@ -132,15 +134,13 @@ class Evaluator:
         return scores
 
     # --- scoring ---------------------------------------------------------------------------
-    def score_unless_stopped(self, step: int, stop: StopSignals | None) -> dict[str, float]:
-        if stop is None:
-            return self.score()
+    def score_unless_stopped(self, step: int) -> dict[str, float]:
+        """`score()`, or {} with a message when a stop signal cuts it short (see `draw`)."""
         try:
-            with stop.interruptible():
-                return self.score()
+            return self.score()
         except Stopped:
             self.cut_short = step
-            print(f"difftrain: {stop.requested} during the evaluation at step {step}: the rest of it is skipped "
+            print(f"difftrain: {self.stop.requested} during the evaluation at step {step}: the rest of it is skipped "
                   f"(no scores logged for step {step}; the best checkpoint is unchanged)", file=sys.stderr)
             return {}
 
@@ -180,17 +180,28 @@ class Evaluator:
 
         k = self.cfg.model.num_classes or 0
         labels = cycled_labels(self.n, k) if k else None
-        images = generate(self.task.emas[0].model, self.cfg, self.n, labels=labels, seed=self.cfg.train.seed,
-                          sampler=self.sampler, steps=self.steps)
+        # A stop signal cuts the sampling (nearly all of an evaluation's time) short with Stopped; the scoring and
+        # the reference data (whose caches are written as they are computed) are never interrupted midway.
+        with self.stop.interruptible() if self.stop is not None else contextlib.nullcontext():
+            images = generate(self.task.emas[0].model, self.cfg, self.n, labels=labels, seed=self.cfg.train.seed,
+                              sampler=self.sampler, steps=self.steps)
         return images, labels
+
+    def check_stop(self) -> None:
+        """Raise Stopped when a stop signal has come (between the parts of an evaluation)."""
+        if self.stop is not None and self.stop.requested:
+            raise Stopped(self.stop.requested)
 
     def score(self) -> dict[str, float]:
         """eval_* scores of fresh samples ({} when no metric applies)."""
         with isolated_rng(self.cfg.train.seed, self.device):
+            self.check_stop()
             metrics = self.available()  # (the first time: loads the reference data)
             if not metrics:
                 return {}
+            self.check_stop()
             images, labels = self.draw()
+            self.check_stop()
             out: dict[str, float] = {"eval_n": len(images)}
             if "classifier" in metrics:
                 from difftrain.evaluation.classifier import classifier_metrics
