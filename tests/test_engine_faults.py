@@ -274,3 +274,19 @@ def test_sigterm_during_the_last_step_writes_the_checkpoint_and_the_weights(tmp_
     err = capsys.readouterr().err
     assert (tmp_path / "checkpoints" / "step-0000004.pt").is_file() and (tmp_path / "weights-ema.safetensors").is_file()
     assert "skipped the final grids" in err and not (tmp_path / "samples" / "final.png").exists()
+
+
+def test_export_first_removes_the_folder_an_export_killed_mid_write_left(tmp_path, capsys):
+    from difftrain.cli import main
+
+    stale = tmp_path / f".out.tmp-{dead_pid()}"
+    (stale / "unet").mkdir(parents=True)
+    (stale / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"cut short")
+    try:
+        rc = main(["export", str(tmp_path / "no-run"), str(tmp_path / "out")])
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and "difftrain: error:" in err  # (there is no run to export)
+    assert not stale.exists()
+    assert f"removed 1 temporary file(s) left by interrupted writes (writer no longer running) in '{tmp_path}'" in err
