@@ -227,3 +227,15 @@ def test_an_out_of_step_best_json_is_found_when_training_starts(tmp_path, monkey
     assert "best.json' is missing; rebuilt it from the record inside best.pt (step 2" in capsys.readouterr().err
     assert seen == [True]  # rebuilt before the only evaluation (the final one)
     assert json.loads((ckpt / "best.json").read_text())["step"] == 2
+
+
+def test_the_fingerprint_of_best_pt_sees_one_changed_weight(tmp_path):
+    """Size + SHA-256 of the zip's tail (its directory holds each entry's CRC-32): one float differs -> it differs."""
+    from difftrain.checkpoint import save_checkpoint
+
+    w = torch.zeros(300_000)  # 1.2 MB of tensor data: more than the hashed tail
+    save_checkpoint({"model": {"w": w}}, tmp_path / "a.pt")
+    w[0] = 1.0
+    save_checkpoint({"model": {"w": w}}, tmp_path / "b.pt")
+    a, b = fingerprint(tmp_path / "a.pt"), fingerprint(tmp_path / "b.pt")
+    assert a["bytes"] == b["bytes"] and a != b

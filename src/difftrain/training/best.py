@@ -5,7 +5,7 @@ the truth. best.json is derived from it, so the scores can be compared without l
 
     {"step": 6, "key": "eval_frechet_distance", "value": 1.23,
      "settings": {"n": 1000, "sampler": "ddim", "steps": 50, "seed": 0, "guidance": 3.0, ...},
-     "checkpoint": {"bytes": 123456, "sha256": "..."}}
+     "checkpoint": {"bytes": 123456, "tail_sha256": "..."}}
 
 - `record_problem`: what is wrong with a record (not a dict, a step that is not a whole number >= 0, a key
   that is not a ranking metric, a value that is not a finite number, settings that are not a dict).
@@ -56,14 +56,21 @@ def record_problem(record) -> str | None:
     return None
 
 
+TAIL = 1 << 20
+
+
 def fingerprint(path: Path) -> dict:
-    """{"bytes", "sha256"} of a file: what best.json records of the best.pt it describes."""
-    digest = hashlib.sha256()
+    """{"bytes", "tail_sha256"} of a checkpoint: what best.json records of the best.pt it describes.
+
+    torch.save writes a zip file whose central directory, at its end, lists every entry with its CRC-32, so
+    the size and the SHA-256 of the last MiB identify the content without reading a checkpoint of gigabytes
+    (hashing all of it ran at about 200 MB/s here)."""
     try:
+        size = os.path.getsize(path)
         with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        return {"bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
+            f.seek(max(0, size - TAIL))
+            tail = f.read()
+        return {"bytes": size, "tail_sha256": hashlib.sha256(tail).hexdigest()}
     except OSError as e:
         raise CheckpointError(f"cannot read the best checkpoint '{path}': {e.strerror or e}") from None
 
