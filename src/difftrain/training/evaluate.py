@@ -216,13 +216,13 @@ class Evaluator:
         return out
 
     # --- the best checkpoint ---------------------------------------------------------------
-    def settings(self, key: str) -> dict:
+    def settings(self) -> dict:
         """What a score depends on besides the weights: two scores are compared only when these are equal."""
         s, d = self.cfg.sample, self.cfg.data
         return {"n": self.n, "sampler": self.sampler, "steps": self.steps, "seed": self.cfg.train.seed,
                 "spacing": s.spacing, "respacing": s.respacing, "variance": s.variance, "guidance": s.guidance,
                 "guidance_interval": list(s.guidance_interval), "eta": s.eta, "clip_x0": s.clip_x0,
-                "data": d.name, "image_size": d.image_size, "metrics": sorted(self.metrics or {})}
+                "data": d.name, "image_size": d.image_size}  # (the metric itself: the record's key)
 
     def improved(self, scores: dict[str, float]) -> dict | None:
         """{"key", "value", "settings"} when `scores` beat checkpoints/best.json made under the same evaluation
@@ -230,7 +230,7 @@ class Evaluator:
         key = next((k for k in BEST_KEYS if k in scores and math.isfinite(scores[k])), None)
         if key is None:
             return None
-        settings = self.settings(key)
+        settings = self.settings()
         record = self.best.current(key, settings)
         if record is not None and not scores[key] < float(record["value"]):
             return None
