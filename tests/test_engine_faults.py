@@ -143,3 +143,150 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
         tr.resume()
     assert tr.step == 2 and not list((tmp_path / "checkpoints").glob(".*"))
     assert (tmp_path / "checkpoints" / "unreadable" / "step-0000004.pt").is_file()  # moved aside, not deleted
+
+
+# --- stop signals during evaluation, grids and export (in-process, the handler installed) ----------------------
+def send_sigterm():
+    """SIGTERM to this process, as a scheduler would; refused when no handler is installed (it would kill pytest)."""
+    assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None), "no SIGTERM handler at this point"
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def sigterm_then_wait(*args, **kwargs):
+    """Send SIGTERM, then stand for a long sampling loop that a stop must cut short."""
+    send_sigterm()
+    for _ in range(200):
+        time.sleep(0.01)
+    raise AssertionError("the sampling was not cut short by SIGTERM")
+
+
+def test_sigterm_during_an_evaluation_cuts_it_short_and_checkpoints(tmp_path, monkeypatch, capsys):
+    from difftrain.training.evaluate import Evaluator
+
+    monkeypatch.setattr(Evaluator, "available", lambda self: {"classifier": None})  # (no reference data needed)
+    monkeypatch.setattr("difftrain.generation.generate", sigterm_then_wait)  # the signal comes while sampling
+    (tmp_path / "samples").mkdir(parents=True)
+    (tmp_path / "samples" / ".step-0000003.png.tmp-999999").write_bytes(b"left by a killed writer")
+    tr = make_trainer(tmp_path, "train.steps=12", "train.eval_every=3")
+    assert tr.run() == tmp_path and tr.step == 3
+    err = capsys.readouterr().err
+    assert "SIGTERM during the evaluation at step 3: the rest of it is skipped" in err
+    assert "SIGTERM at step 3: checkpoint written" in err and "Resume with the same command" in err
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-0000003.pt"]  # not a checkpoint step
+    assert not [r for r in read_metrics(tmp_path) if "eval_n" in r]
+    assert not list((tmp_path / "samples").glob(".*"))  # the stale temporary file of a dead writer went, with a note
+    assert "removed 1 temporary file(s) left by interrupted writes" in err
+
+
+def test_sigterm_during_the_final_evaluation_still_writes_the_final_weights(tmp_path, monkeypatch, capsys):
+    from difftrain.training.evaluate import Evaluator
+
+    monkeypatch.setattr(Evaluator, "available", lambda self: {"classifier": None})  # (no reference data needed)
+    monkeypatch.setattr("difftrain.generation.generate", sigterm_then_wait)  # the signal comes while sampling
+    make_trainer(tmp_path, "train.steps=4", "train.eval_every=10").run()
+    err = capsys.readouterr().err
+    assert "SIGTERM during the evaluation at step 4" in err
+    assert "skipped the final evaluation and the final grids" in err and f"difftrain eval {tmp_path}" in err
+    assert f"difftrain sample {tmp_path} --out {tmp_path / 'samples' / 'final.png'}" in err
+    for name in ("weights.safetensors", "weights-ema.safetensors", "weights-ema-0.5.safetensors", "report.html"):
+        assert (tmp_path / name).is_file(), name
+    assert (tmp_path / "checkpoints" / "step-0000004.pt").is_file() and not (tmp_path / "samples" / "final.png").exists()
+
+
+def test_sigterm_during_the_final_grids_skips_them_and_writes_the_weights(tmp_path, monkeypatch, capsys):
+    from difftrain.training.tasks.diffusion import DiffusionTask
+
+    inner = DiffusionTask.write_grid
+
+    def write_grid(self, path, *args):
+        if path.name == "final.png":
+            sigterm_then_wait()
+        return inner(self, path, *args)
+
+    monkeypatch.setattr(DiffusionTask, "write_grid", write_grid)
+    tr = make_trainer(tmp_path, "train.steps=3")
+    assert tr.run() == tmp_path
+    err = capsys.readouterr().err
+    assert "SIGTERM at step 3: the final grids skipped" in err and "skipped the final grids." in err
+    assert (tmp_path / "weights-ema.safetensors").is_file() and not list((tmp_path / "samples").glob("final*"))
+    assert tr.task.model.training  # the model is back in training mode after the cut-short sampling
+
+
+def test_sigterm_during_the_export_completes_it(tmp_path, monkeypatch, capsys):
+    from difftrain.training import engine
+
+    inner, calls = engine.export_safetensors, []
+
+    def export(*args):
+        if not calls:
+            send_sigterm()
+        calls.append(args[1])
+        return inner(*args)
+
+    monkeypatch.setattr(engine, "export_safetensors", export)
+    make_trainer(tmp_path, "train.steps=3").run()
+    err = capsys.readouterr().err
+    assert "SIGTERM during the end of the run" in err and "nothing was skipped: the run is complete" in err
+    assert [p.name for p in calls] == ["weights.safetensors", "weights-ema.safetensors", "weights-ema-0.5.safetensors"]
+    assert all(p.is_file() for p in calls) and (tmp_path / "samples" / "final.png").is_file()
+
+
+# --- temporary files (.NAME.tmp-PID) of writers killed mid-write ------------------------------------------------
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_temporary_files_go_and_those_of_live_writers_stay(tmp_path, capsys):
+    dead = dead_pid()
+    own, other = tmp_path / f".a.pt.tmp-{os.getpid()}", tmp_path / f".b.pt.tmp-{os.getppid()}"  # both alive
+    stale, folder = tmp_path / f".c.pt.tmp-{dead}", tmp_path / f".export.tmp-{dead}"
+    for p in (own, other, stale):
+        p.write_bytes(b"x")
+    (folder / "unet").mkdir(parents=True)  # an export folder cut short
+    (folder / "unet" / "config.json").write_text("{}")
+    assert ckpt.remove_stale_temp_files(tmp_path) == [stale, folder]
+    assert own.exists() and other.exists() and not stale.exists() and not folder.exists()
+    assert "removed 2 temporary file(s)" in capsys.readouterr().err
+
+
+def test_atomic_write_removes_stale_temporary_files_once_per_folder(tmp_path, capsys):
+    dead = dead_pid()
+    (tmp_path / f".report.html.tmp-{dead}").write_bytes(b"cut short")
+    (tmp_path / f".other.html.tmp-{dead}").write_bytes(b"another target's, also dead")
+    (tmp_path / f".live.html.tmp-{os.getppid()}").write_bytes(b"a live writer's")
+    ckpt.atomic_write(tmp_path / "report.html", lambda f: f.write(b"<html>"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".live.html.tmp-{os.getppid()}", "report.html"]
+    assert "removed 2 temporary file(s)" in capsys.readouterr().err
+    (tmp_path / f".late.html.tmp-{dead}").write_bytes(b"x")
+    ckpt.atomic_write(tmp_path / "page.html", lambda f: f.write(b"<html>"))  # the folder was swept already
+    assert (tmp_path / f".late.html.tmp-{dead}").exists()
+    assert ckpt.temp_path(tmp_path / "x.pt").name == f".x.pt.tmp-{os.getpid()}"
+
+
+def test_sigterm_during_the_last_step_writes_the_checkpoint_and_the_weights(tmp_path, capsys):
+    from tests.test_engine_resume import stop_after
+
+    tr = make_trainer(tmp_path, "train.steps=4")
+    stop_after(tr, 4)
+    tr.run()
+    err = capsys.readouterr().err
+    assert (tmp_path / "checkpoints" / "step-0000004.pt").is_file() and (tmp_path / "weights-ema.safetensors").is_file()
+    assert "skipped the final grids" in err and not (tmp_path / "samples" / "final.png").exists()
+
+
+def test_export_first_removes_the_folder_an_export_killed_mid_write_left(tmp_path, capsys):
+    from difftrain.cli import main
+
+    stale = tmp_path / f".out.tmp-{dead_pid()}"
+    (stale / "unet").mkdir(parents=True)
+    (stale / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"cut short")
+    try:
+        rc = main(["export", str(tmp_path / "no-run"), str(tmp_path / "out")])
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and "difftrain: error:" in err  # (there is no run to export)
+    assert not stale.exists()
+    assert f"removed 1 temporary file(s) left by interrupted writes (writer no longer running) in '{tmp_path}'" in err

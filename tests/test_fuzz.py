@@ -7,8 +7,10 @@ examples on every run) with few examples, so the file takes well under a minute 
 """
 
 import io
+import json
 import math
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -352,3 +354,44 @@ def test_any_shards_json_loads_or_is_a_clean_error(shard_folder, shards, classes
         return
     event("loaded")
     assert x.shape[1:] == (3, 8, 8) and all(0 <= v < max(1, len(data.train.class_names)) for v in y.tolist())
+
+
+# --- checkpoints/best.json ----------------------------------------------------------------------
+
+_json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6),
+                            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+                            max_leaves=6)
+_best_like = st.fixed_dictionaries({"step": _json_values | st.integers(-2, 20), "value": _json_values | st.floats(),
+                                    "key": st.sampled_from(["eval_frechet_distance", "eval_fid", "loss", ""])},
+                                   optional={"settings": _json_values, "checkpoint": _json_values})
+_best_texts = (st.one_of(_json_values, _best_like).map(lambda v: json.dumps(v, allow_nan=True))
+               | st.text(max_size=30) | st.binary(max_size=30).map(lambda b: b.decode("latin-1")))
+
+
+@fuzz(60)
+@given(text=_best_texts, with_pt=st.booleans())
+def test_any_best_json_is_used_rebuilt_or_moved_aside(tmp_path, text, with_pt):
+    import tempfile
+    import warnings
+
+    from difftrain.checkpoint import save_checkpoint
+    from difftrain.training.best import BestCheckpoint, fingerprint, record_problem
+    from difftrain.training.rundir import read_best
+
+    ckpt = Path(tempfile.mkdtemp(dir=tmp_path)) / "checkpoints"
+    ckpt.mkdir()
+    if with_pt:
+        save_checkpoint({"step": 4, "best": {"step": 4, "key": "eval_fid", "value": 2.5, "settings": {}}}, ckpt / "best.pt")
+    (ckpt / "best.json").write_bytes(text.encode("utf-8", "surrogatepass"))
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    read_best(ckpt)  # the resume's reader never raises either
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        record = BestCheckpoint(ckpt).reconcile()
+    if record is None:
+        assert not (ckpt / "best.json").exists() and not with_pt
+    else:
+        assert record_problem(record) is None and record["checkpoint"] == fingerprint(ckpt / "best.pt")
+        assert json.loads((ckpt / "best.json").read_text()) == record
+    kept = [p.read_bytes() for p in ckpt.rglob("*") if p.is_file()]
+    assert all(data in kept for data in before.values())  # nothing that was there is lost

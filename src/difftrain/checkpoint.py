@@ -12,6 +12,7 @@ import errno
 import os
 import pickle
 import re
+import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -46,6 +47,61 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+TEMP_FILE = re.compile(r"^\.(.+)\.tmp-(\d+)$")  # .NAME.tmp-PID: every temporary file or folder of a write
+
+
+def temp_path(path: Path) -> Path:
+    """Where a write of `path` goes first: `.NAME.tmp-PID` beside it (the one naming scheme of temporary files
+    and folders, so a writer killed mid-write leaves something `remove_stale_temp_files` recognises)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError, OSError):
+        return True  # someone else's process (or a pid we cannot ask about): leave its file alone
+    return True
+
+
+def remove_stale_temp_files(folder: Path, name: str | None = None, quiet: bool = False) -> list[Path]:
+    """Delete the temporary files and folders (`.NAME.tmp-PID`) in `folder` whose writer is no longer running:
+    left by a process killed mid-write. `name`: only those of that target. A writer that is alive (this process,
+    or another one such as a `difftrain report` running beside the trainer) keeps its file. Prints one note
+    naming what went, unless `quiet`; returns the removed paths."""
+    import glob
+    import shutil
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = []
+    for p in sorted(folder.glob(f".{glob.escape(name)}.tmp-*" if name else ".*.tmp-*")):
+        found = TEMP_FILE.match(p.name)
+        if found is None or (name is not None and found[1] != name) or _pid_alive(int(found[2])):
+            continue
+        try:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            warnings.warn(f"cannot remove the temporary file '{p}' left by an interrupted write: {e.strerror or e}")
+            continue
+        stale.append(p)
+    if stale and not quiet:
+        print(f"difftrain: removed {len(stale)} temporary file(s) left by interrupted writes (writer no longer "
+              f"running) in '{folder}': {', '.join(p.name for p in stale)}", file=sys.stderr)
+    return stale
+
+
+_SWEPT: set[str] = set()  # folders this process has removed stale temporary files from
+
+
 def refuse_symlink(path: Path, what: str = "file") -> None:
     """Raise CheckpointError when `path` is a symbolic link: a run directory's files are written in place, and
     following a link planted there would overwrite whatever file it points to, inside the run or not."""
@@ -70,15 +126,21 @@ def open_nofollow(path: Path, flags: int, what: str = "file", mode: int = 0o644)
 
 
 def atomic_write(path: Path, write, what: str = "file") -> None:
-    """Call `write(file)` on a temporary file beside `path`, fsync it, then rename it over `path`.
+    """Call `write(file)` on a temporary file beside `path` (`temp_path`), fsync it, then rename it over `path`.
 
     The temporary file is created with O_EXCL | O_NOFOLLOW and `path` must not be a symbolic link, so no link
-    planted in the run directory is ever followed (refuse_symlink). Any failure (a full disk: OSError, or torch's
-    RuntimeError around it) removes the temporary file and raises CheckpointError naming `what`, the file and the
-    cause; the file at `path` stays as it was."""
+    planted in the run directory is ever followed (refuse_symlink). The first write of this process into a folder
+    first removes the temporary files that killed writers left there (`remove_stale_temp_files`; once per folder,
+    so writing many files stays linear). Any failure (a full disk: OSError, or torch's RuntimeError around it)
+    removes the temporary file and raises CheckpointError naming `what`, the file and the cause; the file at
+    `path` stays as it was."""
     path = Path(path)
     refuse_symlink(path, what)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    folder = os.path.abspath(path.parent)
+    if folder not in _SWEPT:
+        _SWEPT.add(folder)
+        remove_stale_temp_files(path.parent)
+    tmp = temp_path(path)
     if os.path.lexists(tmp):  # a leftover (or a link) in our temporary file's place: unlink removes the entry,
         tmp.unlink()          # never a link's target
     created = False
@@ -228,17 +290,6 @@ def looks_complete(path: Path) -> bool:
             return any(name.endswith("data.pkl") for name in z.namelist())
     except (zipfile.BadZipFile, OSError, ValueError):
         return False
-
-
-def remove_stale_temp_files(folder: Path) -> list[Path]:
-    """Delete temporary files that writers killed mid-write left behind (any process but this one)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    stale = [p for p in folder.glob(".*.tmp-*") if not p.name.endswith(f".tmp-{os.getpid()}")]
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
 
 
 def checkpoint_step(path: Path) -> int:

@@ -149,8 +149,11 @@ def parse_interval(text: str) -> list[float]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from difftrain.checkpoint import remove_stale_temp_files
     from difftrain.interop.diffusers_export import export_run
 
+    out = Path(args.out)
+    remove_stale_temp_files(out.parent, out.name)  # the .OUT.tmp-PID folder of an export killed mid-write
     print(export_run(args.run, args.out, weights=args.ema).summary())
     return 0
 

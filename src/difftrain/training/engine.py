@@ -9,7 +9,7 @@ summary). The task owns the models, optimizers and EMAs and takes one step at a 
 Run directory layout (see docs/architecture.md):
     config.yaml                   resolved config
     checkpoints/step-NNNNNNN.pt   everything needed to resume exactly (see `Engine.state_dict`)
-    checkpoints/best.pt           train.eval_every: the best-scoring checkpoint (best.json: its step and score)
+    checkpoints/best.pt           train.eval_every: the best-scoring checkpoint (best.json: derived, training/best.py)
     weights.safetensors           final raw weights
     weights-ema.safetensors       final weights of the first EMA rate (weights-ema-RATE.safetensors: the others)
     metrics.jsonl                 one JSON object per log line
@@ -62,7 +62,7 @@ from difftrain.training.rundir import (
     write_report_page,
 )
 from difftrain.training.schedules import base_lr
-from difftrain.training.state import StopSignals, rng_state, seed_everything, set_rng_state
+from difftrain.training.state import Stopped, StopSignals, rng_state, seed_everything, set_rng_state
 from difftrain.training.tasks import TASKS, StepResult, task_for
 
 
@@ -97,6 +97,7 @@ class Engine:
         self.stream = BatchStream(self.task.data.train, cfg.train.batch_size * self.world.size, seed=cfg.train.seed,
                                   random_flip=cfg.data.random_flip, device=self.device)
         self.step, self.skipped, self.nonfinite_run = 0, 0, 0
+        self.saved_step = -1  # the step of the checkpoint written last
         self.stop_signals: StopSignals | None = None  # set by run(); the step shares its flag with all ranks
         self.stop_agreed: str | None = None  # DDP: a stop signal reached some rank (all ranks agree each step)
         self.tick, self.tick_step = time.perf_counter(), 0  # images/s since the last log line
@@ -155,6 +156,7 @@ class Engine:
             save_checkpoint(state, path)
             prune_checkpoints(self.ckpt_dir, t.keep_checkpoints, t.milestone_every, newest=path)
         distributed.barrier(self.world)
+        self.saved_step = self.step
         return path
 
     def resume(self) -> None:
@@ -220,12 +222,12 @@ class Engine:
         log = self.open_log()
         bar = self.progress_bar()
         try:
-            with StopSignals() as stop:
+            with StopSignals() as stop:  # also over the end of the run: a signal there still gets the weights
                 self.stop_signals = stop
                 if self.loop(log, bar):
                     return self.run_dir
-            bar.close()
-            return self.finish(log)
+                bar.close()
+                return self.finish(log)
         except KeyboardInterrupt:  # only outside the main thread, where StopSignals cannot catch Ctrl-C
             path = self.save()
             print(f"\ninterrupted at step {self.step}; saved {path}. Resume with the same command.", file=sys.stderr)
@@ -255,7 +257,11 @@ class Engine:
             pause = time.perf_counter()
             self.periodic(log, requested is not None)
             self.tick += time.perf_counter() - pause  # images/s counts training time only
-            if requested:
+            if requested is None and not world.active and self.stop_signals.requested:
+                requested = self.stop_signals.requested  # it came during the grids or the evaluation
+                if self.saved_step != self.step:
+                    self.save()
+            if requested and not self.budget.reached(self.step):  # at the last step finish() writes everything
                 distributed.print_main(
                     world, f"\ndifftrain: {requested} at step {self.step}: checkpoint written to "
                     f"{self.ckpt_dir / checkpoint_name(self.step)}. Resume with the same command "
@@ -289,13 +295,26 @@ class Engine:
         if t.val_every and step % t.val_every == 0 and log is not None:
             log.log(step, **self.task.validate(step))
         if t.sample_every and step % t.sample_every == 0 and log is not None:
-            self.write_grids(f"step-{step:07d}", log)
+            self.unless_stopped(f"the grids of step {step}", lambda: self.write_grids(f"step-{step:07d}", log))
         if self.phema is not None and self.phema.due(step):
             self.phema.snapshot(self.run_dir, step)
         if stopping or (t.checkpoint_every and step % t.checkpoint_every == 0):
             self.save()
         if self.evaluator.due(step):  # after the checkpoint: a stop that cuts it short loses only its scores
-            self.evaluator.evaluate(step, log, self.state_dict)
+            self.evaluator.evaluate(step, log, self.state_dict, self.stop_signals)
+
+    def unless_stopped(self, what: str, work):
+        """`work()` (sampling that may be dropped: grids) cut short by a stop signal; None when it was, with a
+        message (at once when the signal came before)."""
+        stop = self.stop_signals
+        if stop is None:
+            return work()
+        try:
+            with stop.interruptible():
+                return work()
+        except Stopped:
+            print(f"difftrain: {stop.requested} at step {self.step}: {what} skipped", file=sys.stderr)
+            return None
 
     # --- logging -------------------------------------------------------------------------
     def open_log(self) -> MetricsLog | None:
@@ -303,6 +322,10 @@ class Engine:
         cfg, world = self.cfg, self.world
         log = None
         if world.main:
+            for folder in (self.run_dir, self.run_dir / "samples"):  # left by writers killed mid-write
+                remove_stale_temp_files(folder)
+            if cfg.train.eval_every:  # a best.json out of step with best.pt is found now, not at the first score
+                self.evaluator.best.reconcile()
             atomic_write(self.run_dir / "config.yaml", lambda f: f.write(cfg.to_yaml().encode()), what="config")
             write_run_info(self.run_dir, self.device, world.size)  # the machine, for the report page
             log = MetricsLog(self.run_dir, cfg.train.tensorboard, cfg.train.wandb, cfg.to_dict())
@@ -332,16 +355,22 @@ class Engine:
     # --- the end of the run ----------------------------------------------------------------
     def finish(self, log: MetricsLog | None) -> Path:
         """Last validation and checkpoint; rank 0 draws the final grids and exports the weights (last: their
-        presence marks a finished run), then prints the summary."""
+        presence marks a finished run), then prints the summary. A stop signal here skips the sampling still to
+        do (final evaluation, final grids), never the checkpoint or the weights, and says how to finish."""
         if self.cfg.train.val_every and log is not None:
             log.log(self.step, **self.task.validate(self.step))
         path = self.save()
+        skipped = []
         if self.cfg.train.eval_every:
-            self.evaluator.evaluate(self.step, log, self.state_dict)
+            self.evaluator.evaluate(self.step, log, self.state_dict, self.stop_signals)
+            if self.evaluator.cut_short == self.step:
+                skipped.append("the final evaluation")
         if not self.world.main:
             distributed.barrier(self.world)  # until rank 0 has exported the weights and drawn the grids
             return self.run_dir
-        grid = self.write_grids("final", log)
+        grid = self.unless_stopped("the final grids", lambda: self.write_grids("final", log))
+        if grid is None:
+            skipped.append("the final grids")
         if self.phema is not None:
             self.phema.snapshot(self.run_dir, self.step)
         self.export_weights()
@@ -349,10 +378,27 @@ class Engine:
         report = write_report_page(d)  # metrics.jsonl is line-buffered: every line is on disk
         print(f"difftrain: trained {self.step} steps. Files in {d}/:\n"
               f"  checkpoint   {path}\n  weights      {d / 'weights-ema.safetensors'} (EMA {self.task.emas[0].rate}), "
-              f"{d / 'weights.safetensors'} (raw)\n  samples      {grid}\n  metrics      {d / 'metrics.jsonl'}\n"
-              f"{self.task.next_step(d)}\nReport page: {report}", file=sys.stderr)
+              f"{d / 'weights.safetensors'} (raw)\n  samples      {grid or 'none (stopped)'}\n"
+              f"  metrics      {d / 'metrics.jsonl'}\n{self.task.next_step(d)}\nReport page: {report}", file=sys.stderr)
+        requested = self.stop_signals.requested if self.stop_signals else None
+        if requested:
+            print(self.stopped_at_end(requested, skipped), file=sys.stderr)
         distributed.barrier(self.world)
         return self.run_dir
+
+    def stopped_at_end(self, signal: str, skipped: list[str]) -> str:
+        """What a stop signal during the end of the run left undone, and the commands that finish it."""
+        d = self.run_dir
+        done = f"difftrain: {signal} during the end of the run: the checkpoint and the final weights are written"
+        if not skipped:
+            return f"{done}; nothing was skipped: the run is complete."
+        todo = []
+        if "the final grids" in skipped:
+            todo.append(f"difftrain sample {d} --out {d / 'samples' / 'final.png'}")
+        if "the final evaluation" in skipped:
+            todo.append(f"difftrain eval {d}")
+        return (f"{done}; skipped {' and '.join(skipped)}. The training itself is complete; to finish: "
+                + "; ".join(todo))
 
     def export_weights(self) -> None:
         """weights.safetensors (raw), weights-ema.safetensors (first EMA), weights-ema-RATE.safetensors (the others)."""
@@ -367,10 +413,13 @@ class Engine:
         never change the training random stream; returns the EMA one."""
         folder, model = self.run_dir / "samples", self.task.model
         model.eval()
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            ema_path = self.task.write_grid(folder / f"{stem}.png", self.task.emas[0].model, log, "samples/ema", self.step)
-            self.task.write_grid(folder / f"{stem}-raw.png", model, log, "samples/raw", self.step)
-        model.train()
+        try:
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                ema_path = self.task.write_grid(folder / f"{stem}.png", self.task.emas[0].model, log, "samples/ema",
+                                                self.step)
+                self.task.write_grid(folder / f"{stem}-raw.png", model, log, "samples/raw", self.step)
+        finally:  # a stop signal may cut the sampling short (Stopped)
+            model.train()
         return ema_path
 
 

@@ -15,16 +15,17 @@ so every evaluation compares the same draws) and scores them with what applies o
 
 The scores go to metrics.jsonl (with eval_n, the number of samples) and TensorBoard. The best score
 (eval_frechet_distance, else eval_fid; lower is better) keeps its checkpoint as checkpoints/best.pt (its
-"best" entry holds the step and score) with the same record in checkpoints/best.json; pruning never
-touches it. Evaluation runs with the Python, NumPy and torch random states saved and restored, so it
-never changes the training random stream: a resumed run stays bitwise equal to an uninterrupted one.
+"best" entry holds the step, score and evaluation settings) with best.json derived from it (training/best.py:
+a malformed or out-of-step best.json is moved aside and rebuilt; a score is compared only with one of the same
+settings); pruning never touches it. Evaluation runs with the Python, NumPy and torch random states saved and
+restored, so it never changes the training random stream: a resumed run stays bitwise equal to an
+uninterrupted one. A stop signal during the sampling cuts the evaluation short (no scores for that step).
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import math
 import random
 import sys
@@ -34,13 +35,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difftrain.checkpoint import CheckpointError, atomic_write, save_checkpoint
 from difftrain.config import Config, ConfigError
 from difftrain.evaluation import EvaluationError
 from difftrain.training import distributed
+from difftrain.training.best import BEST_KEYS, BestCheckpoint
 from difftrain.training.distributed import World
 from difftrain.training.metrics import MetricsLog
-from difftrain.training.rundir import BEST_CHECKPOINT, BEST_RECORD, read_best
+from difftrain.training.state import Stopped, StopSignals
 from difftrain.training.tasks import Task
 
 CLASSIFIER_KEYS = {"accuracy": "eval_accuracy", "classifier_test_accuracy": "eval_accuracy_test",
@@ -48,7 +49,6 @@ CLASSIFIER_KEYS = {"accuracy": "eval_accuracy", "classifier_test_accuracy": "eva
                    "near_copy_fraction": "eval_near_copy_fraction", "near_copy_fraction_test": "eval_near_copy_fraction_test"}
 FIDELITY_KEYS = {"frechet_inception_distance": "eval_fid", "kernel_inception_distance_mean": "eval_kid",
                  "inception_score_mean": "eval_inception_score", "precision": "eval_precision", "recall": "eval_recall"}
-BEST_KEYS = ("eval_frechet_distance", "eval_fid")  # the first one present ranks the checkpoints; lower is better
 
 
 @contextlib.contextmanager
@@ -85,8 +85,11 @@ class Evaluator:
         self.every, self.n = t.eval_every, t.eval_samples
         self.sampler, self.steps = t.eval_sampler or cfg.sample.sampler, t.eval_steps or cfg.sample.steps
         self.ckpt_dir = Path(run_dir) / "checkpoints"
+        self.best = BestCheckpoint(self.ckpt_dir)
         self.metrics: dict | None = None  # what applies, decided at the first evaluation: {"classifier": Reference, "fid": ...}
         self.last_step = -1  # the step evaluated last: a run that ends at an eval step is scored once
+        self.cut_short: int | None = None  # the step whose evaluation a stop signal cut short
+        self.stop: StopSignals | None = None  # the run's stop signals, during evaluate()
         if self.every:
             self.check()
 
@@ -108,13 +111,16 @@ class Evaluator:
     def due(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
 
-    def evaluate(self, step: int, log: MetricsLog | None, state: Callable[[], dict]) -> dict[str, float]:
+    def evaluate(self, step: int, log: MetricsLog | None, state: Callable[[], dict],
+                 stop: StopSignals | None = None) -> dict[str, float]:
         """Score the default EMA at `step` (rank 0), log the scores, and keep the checkpoint when it is the
-        best so far. Every rank calls this at the same steps; `state()` is the engine's checkpoint state."""
+        best so far. Every rank calls this at the same steps; `state()` is the engine's checkpoint state.
+        A signal of `stop` during the scoring (or before it) skips the rest of this evaluation, with a message."""
         if step == self.last_step:
             return {}
         self.last_step = step
-        scores = self.score() if self.world.main else {}
+        self.stop = stop
+        scores = self.score_unless_stopped(step) if self.world.main else {}
         if log is not None and scores:
             log.log(step, **scores)
         best = self.improved(scores)
@@ -128,6 +134,16 @@ class Evaluator:
         return scores
 
     # --- scoring ---------------------------------------------------------------------------
+    def score_unless_stopped(self, step: int) -> dict[str, float]:
+        """`score()`, or {} with a message when a stop signal cuts it short (see `draw`)."""
+        try:
+            return self.score()
+        except Stopped:
+            self.cut_short = step
+            print(f"difftrain: {self.stop.requested} during the evaluation at step {step}: the rest of it is skipped "
+                  f"(no scores logged for step {step}; the best checkpoint is unchanged)", file=sys.stderr)
+            return {}
+
     def available(self) -> dict:
         """The metrics that apply to this run, found once; what does not apply is said in one line."""
         if self.metrics is not None:
@@ -164,17 +180,28 @@ class Evaluator:
 
         k = self.cfg.model.num_classes or 0
         labels = cycled_labels(self.n, k) if k else None
-        images = generate(self.task.emas[0].model, self.cfg, self.n, labels=labels, seed=self.cfg.train.seed,
-                          sampler=self.sampler, steps=self.steps)
+        # A stop signal cuts the sampling (nearly all of an evaluation's time) short with Stopped; the scoring and
+        # the reference data (whose caches are written as they are computed) are never interrupted midway.
+        with self.stop.interruptible() if self.stop is not None else contextlib.nullcontext():
+            images = generate(self.task.emas[0].model, self.cfg, self.n, labels=labels, seed=self.cfg.train.seed,
+                              sampler=self.sampler, steps=self.steps)
         return images, labels
+
+    def check_stop(self) -> None:
+        """Raise Stopped when a stop signal has come (between the parts of an evaluation)."""
+        if self.stop is not None and self.stop.requested:
+            raise Stopped(self.stop.requested)
 
     def score(self) -> dict[str, float]:
         """eval_* scores of fresh samples ({} when no metric applies)."""
         with isolated_rng(self.cfg.train.seed, self.device):
+            self.check_stop()
             metrics = self.available()  # (the first time: loads the reference data)
             if not metrics:
                 return {}
+            self.check_stop()
             images, labels = self.draw()
+            self.check_stop()
             out: dict[str, float] = {"eval_n": len(images)}
             if "classifier" in metrics:
                 from difftrain.evaluation.classifier import classifier_metrics
@@ -189,26 +216,29 @@ class Evaluator:
         return out
 
     # --- the best checkpoint ---------------------------------------------------------------
+    def settings(self) -> dict:
+        """What a score depends on besides the weights: two scores are compared only when these are equal."""
+        s, d = self.cfg.sample, self.cfg.data
+        return {"n": self.n, "sampler": self.sampler, "steps": self.steps, "seed": self.cfg.train.seed,
+                "spacing": s.spacing, "respacing": s.respacing, "variance": s.variance, "guidance": s.guidance,
+                "guidance_interval": list(s.guidance_interval), "eta": s.eta, "clip_x0": s.clip_x0,
+                "data": d.name, "image_size": d.image_size}  # (the metric itself: the record's key)
+
     def improved(self, scores: dict[str, float]) -> dict | None:
-        """{"key", "value"} when `scores` beat checkpoints/best.json (or there is none yet), else None."""
+        """{"key", "value", "settings"} when `scores` beat checkpoints/best.json made under the same evaluation
+        settings (or there is none yet), else None."""
         key = next((k for k in BEST_KEYS if k in scores and math.isfinite(scores[k])), None)
         if key is None:
             return None
-        record = read_best(self.ckpt_dir)
-        if record is not None and record["key"] == key and not scores[key] < float(record["value"]):
+        settings = self.settings()
+        record = self.best.current(key, settings)
+        if record is not None and not scores[key] < float(record["value"]):
             return None
-        return {"key": key, "value": scores[key]}
+        return {"key": key, "value": scores[key], "settings": settings}
 
     def keep_best(self, state: dict, record: dict) -> None:
-        """checkpoints/best.pt (the checkpoint with its score, written atomically), then best.json."""
-        state = {**state, "best": record}
-        try:
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise CheckpointError(f"cannot create '{self.ckpt_dir}': {e.strerror or e}") from None
-        save_checkpoint(state, self.ckpt_dir / BEST_CHECKPOINT)
-        text = json.dumps(record) + "\n"
-        atomic_write(self.ckpt_dir / BEST_RECORD, lambda f: f.write(text.encode()), what="best-checkpoint record")
+        """checkpoints/best.pt (the checkpoint with its record, written atomically), then best.json."""
+        self.best.keep(state, record)
 
 
 def renamed(result: dict, names: dict[str, str]) -> dict[str, float]:

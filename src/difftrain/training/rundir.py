@@ -341,9 +341,11 @@ def move_run_aside(run_dir: Path) -> Path | None:
 def read_best(ckpt_dir: Path) -> dict | None:
     """checkpoints/best.json: {"step", "key", "value"} of checkpoints/best.pt; None when absent or unreadable."""
     try:
+        from difftrain.training.best import record_problem  # (best.py builds on this module)
+
         record = json.loads((Path(ckpt_dir) / BEST_RECORD).read_text())
-        return record if isinstance(record, dict) and {"step", "key", "value"} <= set(record) else None
-    except (OSError, ValueError):
+        return record if record_problem(record) is None else None
+    except (OSError, ValueError, UnicodeDecodeError):
         return None
 
 

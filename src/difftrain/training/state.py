@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import signal
 import threading
@@ -42,12 +43,18 @@ def _as_tuple(x):
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+class Stopped(BaseException):
+    """A stop signal arrived inside `StopSignals.interruptible()`: the sampling there is cut short. A
+    BaseException, like KeyboardInterrupt, so that no `except Exception` on the way swallows it."""
+
+
 class StopSignals:
     """While active, SIGTERM and SIGINT only set `requested` (the signal's name).
 
-    The loop then finishes its step, writes a checkpoint and returns. The first signal puts
-    the previous handlers back, so a second Ctrl-C stops at once. Outside the main thread
-    (where handlers cannot be set) it does nothing.
+    The loop then finishes its step, writes a checkpoint and returns. Inside `interruptible()` (sampling for
+    evaluation and grids: work that can be dropped) the signal also raises `Stopped` there, so the stop does
+    not wait for the whole evaluation. The first signal puts the previous handlers back, so a second Ctrl-C
+    stops at once. Outside the main thread (where handlers cannot be set) it does nothing.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -55,15 +62,29 @@ class StopSignals:
     def __init__(self):
         self.requested: str | None = None
         self._old: dict = {}
+        self._interruptible = 0
 
     def _handle(self, signum, frame) -> None:
         self.requested = signal.Signals(signum).name
         self._restore()
+        if self._interruptible:
+            raise Stopped(self.requested)
 
     def _restore(self) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old = {}
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        """A block that a stop signal cuts short with `Stopped` (raised at once when one came before)."""
+        if self.requested:
+            raise Stopped(self.requested)
+        self._interruptible += 1
+        try:
+            yield
+        finally:
+            self._interruptible -= 1
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
