@@ -5,7 +5,7 @@ it too): blank lines are skipped, a cut-short or unreadable line is skipped with
 of one step (training, validation, evaluation) are merged, and a step logged twice (a line whose step goes
 back, or a value logged again at its step: a run resumed from a checkpoint older than its last log line)
 keeps its newest values. `parse_metrics_line` is the one test of a line, shared with the resume's trimming
-(training/metrics.trim_metrics): a line is a JSON object (nested at most as deep as Python's JSON decoder
+(training/metrics.lines_up_to): a line is a JSON object (nested at most as deep as Python's JSON decoder
 recurses, at most MAX_LINE characters) with an integer step in [0, MAX_STEP]. A number that no plot can draw
 (NaN, Infinity, beyond +-MAX_VALUE, an integer past the float range) is read as null, as the writer logs a
 non-finite value, and counted in a note.
