@@ -142,7 +142,8 @@ YAML_TEXTS = (
     | st.lists(st.sampled_from(["train:", "  steps: 5", "  batch_size: abc", "model: &m [1, 2]", "data: *m", "x: *nope",
                                 "a: &a [*a]", "- 1", "? [a]", "  : b", "!!python/object:os.system ls", "when: 2024-13-45",
                                 "b: &b [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]", "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]",
-                                "d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]", "e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]",
+                                "d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]",
+                                "e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]",
                                 "description: [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]",
                                 "deep: " + "[" * 200, "'", "\t", "\x00", "%YAML 1.1", "---", "description: é"]),
                max_size=8).map("\n".join)
