@@ -106,3 +106,27 @@ def test_resume_with_a_new_ema_rate_starts_it_from_the_raw_weights(tmp_path):
     ema, raw = tr.task.emas[1].model.state_dict(), tr.task.model.state_dict()
     assert all(torch.equal(a, b) for a, b in zip(ema.values(), raw.values()))
     assert tr.task.emas[0].updates == 3
+
+
+def test_damaged_metrics_lines_never_block_a_resume(tmp_path):
+    """A byte that is not UTF-8, a line nested 100k deep, a step of 10**400 or "3": each is dropped (named in a
+    warning) like a line cut short, and the resumed run logs every step once."""
+    make_trainer(tmp_path, "train.steps=3").run()
+    with open(tmp_path / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 2, "loss": 0.5}\xff\n{"step": 2, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"
+                + f'{{"step": {10**400}, "loss": 1}}\n{{"step": "3", "loss": 1}}\n\n{{"step": 3, "lo'.encode())
+    with pytest.warns(UserWarning, match=r"dropped 4 damaged line\(s\) while resuming: line 2 \(not UTF-8\), line 3 "
+                                         r"\(nested too deeply\), line 4 \(no integer step from 0 to 2\^53\), line 5"):
+        make_trainer(tmp_path, "train.steps=6").run()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [3, 6]
+
+
+def test_trimming_keeps_exactly_the_complete_metrics_lines_up_to_the_step(tmp_path):
+    from difftrain.training.metrics import lines_up_to
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1}\n{"step": 2, "loss": NaN}\n{"step": 9}\n{"step": 2.0}\n\xfe\n{"step": 3, "x": "\xe9"}\n'
+                     b'{"step": 3}')
+    with pytest.warns(UserWarning, match="dropped 3 damaged"):
+        kept, gone = lines_up_to(path, 5)
+    assert kept == b'{"step": 1}\n{"step": 2, "loss": NaN}\n' and gone == 5

@@ -11,6 +11,7 @@ import json
 import math
 import tarfile
 from pathlib import Path
+import warnings
 
 import numpy as np
 import pytest
@@ -56,6 +57,112 @@ def test_any_config_value_loads_or_is_a_config_error(key, value):
         return
     # What is accepted can be stored and read back: config.yaml and checkpoints hold it.
     assert config_from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
+
+
+# --- metrics.jsonl and config.yaml as the report and the resume read them ----------------------------------
+
+METRIC_NUMBERS = (st.integers(-2**70, 2**70) | st.floats() | st.booleans() | st.none() | st.text(max_size=4)
+                  | st.sampled_from([10**400, 1e308, -1e308, 1e300, 5e-324, 0, -0.0]))
+METRIC_ROWS = st.fixed_dictionaries(
+    {"step": st.integers(0, 60) | st.sampled_from([-1, 2**53, 2**53 + 1, 10**400, 1.5, "3", None, True])},
+    optional={k: METRIC_NUMBERS for k in ("loss", "lr", "grad_norm", "images_per_s", "time", "eval_fid")})
+METRIC_LINES = st.lists(
+    METRIC_ROWS.map(lambda row: json.dumps(row).encode())
+    | st.sampled_from([b"", b" ", b"{", b"null", b"[1, 2]", b'{"step": 1}\xff', b'{"step": 2, "x": "\xe9"}',
+                       b"[" * 100_000, b'{"step": 4, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                       b'{"step": 5, "loss": NaN, "lr": Infinity}', b'{"step": 6, "loss": ' + b"9" * 5000 + b"}"])
+    | st.binary(max_size=40),
+    max_size=12)
+
+
+def metrics_file(lines: list[bytes], newline_at_end: bool) -> bytes:
+    return b"\n".join(lines) + (b"\n" if newline_at_end and lines else b"")
+
+
+@pytest.fixture(scope="module")
+def report_run(tmp_path_factory):
+    """A run directory for the report: a config.yaml and one metrics line (the tests replace either)."""
+    run = tmp_path_factory.mktemp("report") / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(load_config("digits", ["train.batch_size=4"]).to_yaml())
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    return run
+
+
+@fuzz(12)  # each draws a panel: ~0.2 s
+@given(lines=METRIC_LINES, newline_at_end=st.booleans())
+def test_random_metrics_lines_are_read_drawn_or_noted(report_run, lines, newline_at_end):
+    from difftrain.report import ReportError, plots, summary
+    from difftrain.report.rundata import MAX_STEP, MAX_VALUE, load_run
+
+    (report_run / "metrics.jsonl").write_bytes(metrics_file(lines, newline_at_end))
+    try:
+        run = load_run(report_run)
+    except ReportError as e:
+        assert "holds no metrics lines" in str(e)
+        return
+    steps = [row["step"] for row in run.rows]
+    assert steps == sorted(set(steps)) and all(type(s) is int and 0 <= s <= MAX_STEP for s in steps)
+    for key in run.keys():
+        assert all(math.isfinite(v) and abs(v) <= MAX_VALUE for v in run.series(key)[1])
+    summary.progress(run)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's overflow warnings included
+        svg = plots.draw(plots.Panel("loss", ["loss", "lr"], log=True), [run], chart_id="c")
+    assert svg is None or svg.startswith("<svg")
+
+
+@fuzz(40)
+@given(lines=METRIC_LINES, newline_at_end=st.booleans(), step=st.integers(0, 70))
+def test_random_metrics_lines_are_trimmed_on_resume(tmp_path, lines, newline_at_end, step):
+    from difftrain.report.rundata import parse_metrics_line
+    from difftrain.training.metrics import lines_up_to
+
+    data = metrics_file(lines, newline_at_end)
+    (tmp_path / "metrics.jsonl").write_bytes(data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the dropped damaged lines are named in a warning
+        kept, gone = lines_up_to(tmp_path / "metrics.jsonl", step)
+    complete = data.split(b"\n")[:-1]  # the lines that end in a newline
+    out = kept.split(b"\n")[:-1]
+    assert kept == b"" or kept.endswith(b"\n")
+    assert len(out) + gone == len(data.split(b"\n")) - (data == b"" or data.endswith(b"\n"))
+    it = iter(complete)
+    assert all(any(line == c for c in it) for line in out)  # a subsequence of the complete lines, in order
+    for line in out:
+        assert parse_metrics_line(line.decode("utf-8"))[0]["step"] <= step
+
+
+YAML_KEYS = st.sampled_from([k.split(".")[-1] for k in _all_keys(Config)] + ["train", "model", "x", "<<", "1"])
+YAML_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=6) | st.sampled_from(NASTY),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(YAML_KEYS, inner, max_size=4), max_leaves=12)
+YAML_TEXTS = (
+    st.dictionaries(st.sampled_from(["model", "diffusion", "data", "train", "sample", "description", "run_dir", "x"]),
+                    YAML_VALUES, max_size=5).map(lambda d: yaml.safe_dump(d, sort_keys=False))
+    | st.lists(st.sampled_from(["train:", "  steps: 5", "  batch_size: abc", "model: &m [1, 2]", "data: *m", "x: *nope",
+                                "a: &a [*a]", "- 1", "? [a]", "  : b", "!!python/object:os.system ls", "when: 2024-13-45",
+                                "b: &b [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]", "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]",
+                                "d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]",
+                                "e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]",
+                                "description: [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]",
+                                "deep: " + "[" * 200, "'", "\t", "\x00", "%YAML 1.1", "---", "description: é"]),
+               max_size=8).map("\n".join)
+    | st.text(max_size=60))
+
+
+@fuzz(40)
+@given(text=YAML_TEXTS)
+def test_random_config_yaml_in_the_report(report_run, text):
+    from difftrain.report.page import comparison_page, run_page
+    from difftrain.report.rundata import load_run
+
+    (report_run / "config.yaml").write_text(text, errors="surrogateescape")
+    (report_run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    run = load_run(report_run)
+    run.rows = [{"step": 1}]  # nothing to draw: the page's parts that read the config are tested
+    page = run_page(run) + comparison_page([run, run])
+    assert len(page) < 200_000 and "config.yaml" in page
 
 
 # --- command-line options ---------------------------------------------------------------------

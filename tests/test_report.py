@@ -1,19 +1,23 @@
 """Run reports: `difftrain report RUN` and `difftrain report RUN_A RUN_B --out compare.html`."""
 
 import base64
+import html
 import io
 import json
 import math
 import re
 import shutil
 import subprocess
+import tracemalloc
+import warnings
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from difftrain.config import load_config
-from difftrain.report import ReportError, write_comparison, write_report
+from difftrain.report import ReportError, summary, write_comparison, write_report
+from difftrain.report.page import comparison_page, run_page
 from difftrain.report.run_info import collect_run_info, write_run_info
 from difftrain.report.rundata import load_run, read_metrics_file
 from tests.conftest import run_cli
@@ -108,9 +112,130 @@ def test_metrics_reader_is_tolerant(tmp_path):
     rows, notes = read_metrics_file(path)
     assert [r["step"] for r in rows] == [5, 10, 15]
     assert rows[0] == {"step": 5, "loss": 0.5, "lr": 0.1}  # the repeated step keeps its newest values
-    assert any("line(s) 3, 4 are not metrics lines" in n for n in notes)
+    assert any("2 line(s) skipped, not metrics lines (JSON objects with an integer step): line 3 (not JSON), "
+               "line 4 (not a JSON object)" in n for n in notes)
+    assert any("1 value(s) not finite or beyond +-1e+300 are not drawn (line 5: loss=NaN)" in n for n in notes)
     assert any("1 line(s) repeat values" in n for n in notes)
     assert not any("cut short" in n for n in notes)  # the file ends with a newline
+
+
+DAMAGED_LINES = [  # (line, what the reader makes of it)
+    ('{"step": 200, "loss": 1e308, "lr": 1e299}', "loss=1e308"),  # beyond +-1e300: not drawn; lr drawn
+    ('{"step": 210, "loss": Infinity, "grad_norm": -1e299}', "loss=Infinity"),
+    ('{"step": 220, "loss": NaN}', "loss=NaN"),
+    ('{"step": 230, "loss": 1e400}', "loss=1e400"),  # json reads it as inf
+    (f'{{"step": 240, "loss": {10**400}}}', "(401 digits)"),  # an int no float holds
+    (f'{{"step": 250, "loss": {"9" * 5000}}}', "not JSON"),  # past Python's 4300-digit int limit
+    (f'{{"step": {10**400}, "loss": 1.0}}', "no integer step"),
+    ('{"step": -1, "loss": 1.0}', "no integer step"),
+    ('{"step": 2.5, "loss": 1.0}', "no integer step"),
+    ('{"step": true, "loss": 1.0}', "no integer step"),
+    ('{"loss": 1.0}', "no step"),
+    ('{"step": 260, "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ('{"step": 270, "loss": "' + "x" * (1 << 20) + '"}', "longer than"),
+]
+
+
+def test_nonfinite_huge_and_deep_metrics_lines_are_skipped_or_drawn(tmp_path):
+    run = fake_run(tmp_path)
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write("".join(line + "\n" for line, _ in DAMAGED_LINES).encode())
+        f.write(b'{"step": 280, "loss": 0.5}\xff\n{"step": 290, "loss": 0.25, "note": "caf\xe9"}\n')  # not UTF-8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's overflow warnings included
+        page = write_report(run).read_text()
+    data = load_run(run)
+    skipped = next(n for n in data.notes if "line(s) skipped" in n)
+    assert "10 line(s) skipped" in skipped and "and 5 more" in skipped  # 9 listed above + the line ending in \xff
+    nulled = next(n for n in data.notes if "value(s) not finite" in n)
+    assert nulled.startswith(f"{run / 'metrics.jsonl'}: 5 value(s)") and "line 15: loss=1e308" in nulled
+    rows = {r["step"]: r for r in data.rows}
+    assert rows[200] == {"step": 200, "loss": None, "lr": 1e299} and rows[240]["loss"] is None
+    assert rows[290]["loss"] == 0.25 and rows[290]["note"] == "caf\ufffd"  # a bad byte in a string: replaced
+    assert set(rows) == {*range(10, 101, 10), 200, 210, 220, 230, 240, 290}
+    assert data.series("lr")[1][-1] == 1e299 and data.series("grad_norm")[1][-1] == -1e299  # drawn as logged
+    assert all(math.isfinite(v) for k in data.keys() for v in data.series(k)[1])
+    assert 'aria-label="loss"' in page and 'aria-label="learning rate"' in page and "10 line(s) skipped" in page
+
+
+def test_plots_draw_extreme_values_without_overflow(tmp_path):
+    """A log panel whose values span 1e-300..1e300 falls back to a linear axis; 1e150..5e-324 stays log."""
+    from difftrain.report import plots
+
+    run = fake_run(tmp_path)
+    data = load_run(run)
+    for values in ([1e300, 1e-300], [1e150, 5e-324], [1e300, -1e300], [5e-324, 1e-323]):
+        data.rows = [{"step": 10, "loss": values[0]}, {"step": 20, "loss": values[1]}]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            svg = plots.draw(plots.Panel("loss", ["loss"], log=True), [data], chart_id="c")
+        assert svg.startswith("<svg") and "</svg>" in svg, values
+
+
+BAD_CONFIGS = [  # (config.yaml, words of the note)
+    ("train: [1, 2]\n", "train: is a section"),
+    ("train:\n  steps: abc\n  batch_size: abc\n  devices: x\n", "train.steps: expected int, got 'abc'"),
+    ("model: 3\ndata: [a]\ntrain: {batch_size: 1.0e308}\n", "model: is a section"),
+    ("train: {batch_size: true, steps: -5}\n", "train.batch_size: expected int"),
+    ("description: [1, 2]\nsample: {guidance: [x]}\n", "description: expected str"),
+    ("[1, 2]\n", "holds list, not a mapping of settings"),
+    ("5\n", "holds int, not a mapping of settings"),
+    ("train: {steps: 5\n", "is not valid YAML"),
+    ("x: &a [*a]\n", "an alias repeats a node that contains it"),
+    ("x: " + "[" * 100_000 + "]" * 100_000 + "\n", "nested more than 64 levels deep"),
+    ("when: 2024-13-45\n", "a value cannot be read: month must be in 1..12"),
+]
+
+
+@pytest.mark.parametrize("text, words", BAD_CONFIGS, ids=[w.split(":")[0][:24] for _, w in BAD_CONFIGS])
+def test_a_wrong_config_yaml_is_shown_as_a_note(tmp_path, text, words):
+    """Every part of a page that reads the config (the curves do not) copes with it; the note names the problem."""
+    run = fake_run(tmp_path)
+    (run / "config.yaml").write_text(text)
+    data = load_run(run)
+    note = next(n for n in data.notes if n.startswith(f"{run / 'config.yaml'}"))
+    assert words in note
+    rows = summary.progress(data) + summary.setup(data) + summary.hardware(data) + summary.config_differences([data, data])
+    assert ("images seen", "3,200") not in rows  # no batch size is read from it
+    data.rows = [{"step": 100}]  # no curves to draw: the page's other parts are what read the config
+    assert html.escape(words, quote=True) in run_page(data) and "train" in comparison_page([data, data])
+
+
+def test_non_utf8_or_huge_config_yaml_is_a_note(tmp_path):
+    run = fake_run(tmp_path)
+    (run / "config.yaml").write_bytes(b"train:\n  steps: \xff\n")
+    assert any("config.yaml is not shown: not UTF-8 text (byte 16" in n for n in load_run(run).notes)
+    (run / "config.yaml").write_text("# " + "x" * (1 << 20) + "\n")
+    data = load_run(run)
+    assert any("config.yaml is not shown: larger than 1,048,576 bytes" in n for n in data.notes)
+    assert data.config_text is None and data.config == {}
+
+
+def alias_bomb(levels: int = 9) -> str:
+    """A "billion laughs": `levels` lines, each a list of nine aliases of the line before; the description, the
+    last, holds 9^levels strings: 387 million at nine lines."""
+    names = "abcdefghijklmnop"[: levels - 1]
+    lines = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]" for p, n in zip(names, names[1:])]
+    lines.append(f"description: [{', '.join([f'*{names[-1]}'] * 9)}]")
+    return "\n".join(lines) + "\n"
+
+
+def test_an_alias_bomb_in_config_yaml_is_refused_fast_and_small(tmp_path):
+    run = fake_run(tmp_path)
+    (run / "config.yaml").write_text(alias_bomb())
+    tracemalloc.start()
+    try:
+        data = load_run(run)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20e6  # bytes; expanded, the 9^9 strings would take gigabytes
+    assert any("more than 100,000 values once its aliases are expanded (line 6" in n for n in data.notes)
+    assert data.config == {}
+    page = write_report(run).read_text()
+    assert len(page) < 400_000  # the page of a run like this is ~130 kB; the bomb's text adds 0.4 kB
 
 
 def test_damaged_grid_is_left_out_with_a_note(tmp_path):

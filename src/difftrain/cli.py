@@ -10,8 +10,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import yaml
-
 from difftrain.cli_data import add_data_commands
 from difftrain.cli_ema import add_ema_command
 from difftrain.config import ConfigError, load_config, recipe_names, recipe_text
@@ -21,6 +19,7 @@ from difftrain.config_checks import (
     NUMBER_OPTION,
     SEED_OPTION,
 )
+from difftrain.safe_yaml import load_yaml
 
 # argparse's choices, written out so that building the parser (`--help`) does not import torch;
 # tests/test_cli_startup.py checks them against samplers.sampler_names() and samplers.SPACINGS.
@@ -160,7 +159,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_recipes(args: argparse.Namespace) -> int:
     for name in recipe_names():
-        data = yaml.safe_load(recipe_text(name)) or {}
+        data = load_yaml(recipe_text(name)) or {}
         print(f"{name:24s} {data.get('description', '')}")
     return 0
 

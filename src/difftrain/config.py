@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from difftrain.config_checks import ConfigError, coerce, validate  # noqa: F401 (ConfigError is imported from here)
+from difftrain.safe_yaml import YAMLLimitError, load_yaml, read_yaml_text
 
 
 @dataclass
@@ -329,7 +330,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override '{text}' is not of the form key=value")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     # YAML reads 1e-4 as a string (it wants 1.0e-4); accept plain float syntax too.
@@ -355,7 +356,10 @@ def _read_recipe(recipe: str) -> tuple[str, dict[str, Any]]:
     if recipe.endswith((".yaml", ".yml")) or path.exists():
         if not path.is_file():
             raise ConfigError(f"recipe file '{recipe}' does not exist")
-        text, name = path.read_text(), path.stem
+        try:
+            text, name = read_yaml_text(path), path.stem
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"recipe '{recipe}' cannot be read: {getattr(e, 'strerror', None) or e}") from None
     elif recipe in recipe_names():
         text, name = recipe_text(recipe), recipe
     else:
@@ -363,7 +367,9 @@ def _read_recipe(recipe: str) -> tuple[str, dict[str, Any]]:
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"unknown recipe '{recipe}'{hint} (choose from {', '.join(recipe_names())}, or give a .yaml path)")
     try:
-        data = yaml.safe_load(text) or {}
+        data = load_yaml(text) or {}
+    except YAMLLimitError as e:
+        raise ConfigError(f"recipe '{recipe}' is refused: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"recipe '{recipe}' is not valid YAML: {e}") from None
     return name, data
@@ -376,7 +382,10 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...
         name, data = _read_recipe(recipe)
         cfg.run_dir = f"runs/{name}"
         cfg.recipe = name
-        apply_dict(cfg, data)
+        try:
+            apply_dict(cfg, data)
+        except ConfigError as e:
+            raise ConfigError(f"recipe '{recipe}': {e}") from None
     for text in overrides:
         set_key(cfg, *parse_override(text))
     return validate(cfg)

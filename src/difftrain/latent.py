@@ -76,7 +76,14 @@ def _file_stats(files: list[Path]) -> list:
 def _load_difftrain(path: Path, weights: str) -> tuple[nn.Module, str, str]:
     import yaml
 
-    cfg = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
+    from difftrain.safe_yaml import load_yaml, read_yaml_text
+
+    try:
+        data = load_yaml(read_yaml_text(path / "config.yaml"))
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"latent.first_stage '{path}': its config.yaml cannot be read: "
+                          f"{getattr(e, 'strerror', None) or e}") from None
+    cfg = config_from_dict(data)
     if cfg.autoencoder.kind == "none":
         raise ConfigError(f"latent.first_stage '{path}' is a diffusion run, not an autoencoder run "
                           f"(its autoencoder.kind is none)")

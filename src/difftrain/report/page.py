@@ -138,7 +138,7 @@ def grids_section(run: RunData, notes: list[str]) -> str:
 
 def config_section(run: RunData) -> str:
     if run.config_text is None:
-        return '<h2 id="config">Config</h2><p class="sub">config.yaml is missing.</p>'
+        return '<h2 id="config">Config</h2><p class="sub">config.yaml is missing or unreadable (see the notes).</p>'
     return f'<h2 id="config">Config (config.yaml)</h2><pre class="config">{esc(run.config_text)}</pre>'
 
 
@@ -152,7 +152,8 @@ def run_page(run: RunData) -> str:
     """The report of one run."""
     notes = list(run.notes)
     grids = grids_section(run, notes)  # first: it adds notes about unreadable grids
-    desc = run.config.get("description") or ""
+    desc = run.config.get("description")
+    desc = desc if isinstance(desc, str) else ""
     head = (f"<h1>difftrain run: {esc(run.name)}</h1><p class=\"sub\">{esc(run.path.resolve())}"
             f"{' | ' + esc(desc) if desc else ''} | report written {esc(summary.generated_at())}</p>")
     overview = (f'<div class="cols"><div><h3>Progress</h3>{table(summary.progress(run))}</div>'

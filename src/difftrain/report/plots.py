@@ -21,6 +21,9 @@ COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e
            "#bcbd22"]
 STYLES = ["-", "--", ":", "-."]
 NOT_DRAWN = {"time"}  # UNIX seconds of a log line: the page states the wall time instead
+# A log axis only for data up to here: matplotlib's log ticks and margins reach decades beyond the data, past
+# the float64 maximum 1.8e308 for a top value of 1e250 (1e200 still draws, down to the smallest float 5e-324).
+LOG_MAX = 1e150
 
 
 @dataclass
@@ -147,7 +150,7 @@ def _figure(panel: Panel, lines: list):
         ax.plot(xs, ys, linestyle=style, color=colour, label=_plain(label), linewidth=1.0 if ref else 1.4,
                 marker="o" if few and not ref else None, markersize=3)
     values = [y for line in lines for y in line[2]]
-    if panel.log and min(values) > 0 and max(values) / min(values) > 20:
+    if panel.log and min(values) > 0 and max(values) <= LOG_MAX and max(values) / min(values) > 20:
         ax.set_yscale("log")
     ax.set_title(_plain(panel.title), fontsize=10)
     ax.set_xlabel("step", fontsize=9)

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import datetime
+import math
 from typing import Any
 
 from difftrain.report.rundata import RunData
 
+MAX_TEXT = 200  # characters of a config value shown in a table cell
+
 
 def fmt_duration(seconds: float) -> str:
+    if not 0 <= seconds < 1e9:  # 31 years: a time field beyond it is damaged, not a duration to spell out
+        return f"{seconds:.3g} s"
     seconds = int(round(seconds))
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
@@ -20,15 +25,21 @@ def fmt_number(value: Any) -> str:
         return f"{value:.4g}"
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
-    return str(value)
+    return short(value)
+
+
+def short(value: Any) -> str:
+    """str(value), cut to MAX_TEXT characters."""
+    text = str(value)
+    return text if len(text) <= MAX_TEXT else f"{text[:MAX_TEXT]}... ({len(text):,} characters)"
 
 
 def world_size(run: RunData) -> tuple[int, str]:
     """(processes, where the number comes from)."""
     info = run.run_info or {}
-    if isinstance(info.get("world_size"), int):
+    if isinstance(info.get("world_size"), int) and not isinstance(info["world_size"], bool) and info["world_size"] > 0:
         return info["world_size"], "run_info.json"
-    return int(run.setting("train", "devices", 1)), "train.devices (run_info.json missing)"
+    return run.count("train", "devices") or 1, "train.devices (run_info.json missing)"
 
 
 def last_train_step(run: RunData) -> int:
@@ -43,25 +54,25 @@ def training_seconds(run: RunData, global_batch: int) -> float | None:
         ips = row.get("images_per_s")
         if "loss" not in row:
             continue
-        if isinstance(ips, (int, float)) and ips > 0:
+        if isinstance(ips, (int, float)) and not isinstance(ips, bool) and ips > 0:
             total += (row["step"] - prev) * global_batch / ips
             seen = True
         prev = row["step"]
-    return total if seen else None
+    return total if seen and math.isfinite(total) else None  # a tiny images/s (damaged line) overflows
 
 
 def wall_seconds(run: RunData) -> float | None:
     """From the first to the last log line, when metrics lines carry a `time` (UNIX seconds) field."""
-    times = [row["time"] for row in run.rows if isinstance(row.get("time"), (int, float))]
+    times = [row["time"] for row in run.rows if isinstance(row.get("time"), (int, float)) and not isinstance(row["time"], bool)]
     return max(times) - min(times) if len(times) > 1 else None
 
 
 def progress(run: RunData) -> list[tuple[str, str]]:
     """(label, value) rows: status, steps, batch, images seen, time."""
-    batch = int(run.setting("train", "batch_size", 0))
+    batch = run.count("train", "batch_size") or 0
     world, world_from = world_size(run)
     step = last_train_step(run)
-    target = run.setting("train", "steps")
+    target = run.count("train", "steps")
     finished = run.final_grid is not None and (run.path / "weights.safetensors").is_file()
     rows = [("status", "finished" if finished else "incomplete (see the notes)"),
             ("steps", f"{step:,}" + (f" of {target:,}" if isinstance(target, int) else ""))]
@@ -85,18 +96,20 @@ def progress(run: RunData) -> list[tuple[str, str]]:
 
 def setup(run: RunData) -> list[tuple[str, str]]:
     """What was trained: data, model, process, schedule, sampler."""
-    get = run.setting
+    def get(section: str, key: str, default: Any = None) -> str:
+        return short(run.setting(section, key, default))
+
     rows = [("data", f"{get('data', 'name', '?')} ({get('model', 'image_size', get('data', 'image_size', '?'))}px, "
                      f"{get('model', 'num_classes', 0) or 'no'} classes)"),
             ("model", str(get("model", "name", "?"))),
             ("process", f"{get('diffusion', 'process', '?')}, {get('diffusion', 'schedule', '?')} schedule, "
                         f"{get('diffusion', 'prediction', '?')} prediction"),
-            ("optimizer", f"AdamW lr {fmt_number(get('train', 'lr', '?'))}, {get('train', 'lr_schedule', '?')} "
+            ("optimizer", f"AdamW lr {fmt_number(run.setting('train', 'lr', '?'))}, {get('train', 'lr_schedule', '?')} "
                           f"schedule, precision {get('train', 'precision', '?')}"),
             ("grids", f"{get('sample', 'sampler', '?')} {get('sample', 'steps', '?')} steps, "
-                      f"guidance {fmt_number(get('sample', 'guidance', '?'))}")]
-    if get("autoencoder", "kind", "none") not in ("none", None):
-        rows[2] = ("autoencoder", str(get("autoencoder", "kind")))
+                      f"guidance {fmt_number(run.setting('sample', 'guidance', '?'))}")]
+    if run.setting("autoencoder", "kind", "none") != "none":
+        rows[2] = ("autoencoder", get("autoencoder", "kind"))
     return rows
 
 
@@ -132,7 +145,7 @@ def config_differences(runs: list[RunData]) -> list[tuple[str, list[str]]]:
     missing = "(not set)"
     out = []
     for key in keys:
-        values = [str(f.get(key, missing)) for f in flats]
+        values = [short(f.get(key, missing)) for f in flats]
         if len(set(values)) > 1 and key != "run_dir":
             out.append((key, values))
     return out

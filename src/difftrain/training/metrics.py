@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from torch import Tensor
 
 from difftrain.checkpoint import CheckpointError, open_nofollow, refuse_symlink
 from difftrain.config import ConfigError
+from difftrain.report.rundata import parse_metrics_line, read_metrics_file
 
 WANDB_MODES = ("none", "online", "offline")  # not "off": YAML reads that as false
 
@@ -144,9 +146,34 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """RUN_DIR/metrics.jsonl as one dict per step (its training, validation and evaluation lines merged), in
     step order; [] when there is none. Strict: a damaged line or a step logged twice raises ValueError naming
     it (the report's reader, report.rundata.read_metrics_file, skips them with a note instead)."""
-    from difftrain.report.rundata import read_metrics_file
-
     rows, notes = read_metrics_file(Path(run_dir) / "metrics.jsonl")
     if notes:
         raise ValueError("; ".join(notes))
     return rows
+
+
+def lines_up_to(path: Path, step: int) -> tuple[bytes, int]:
+    """metrics.jsonl's lines of steps up to `step` -> (their bytes, how many lines went). Dropped besides the later
+    ones: a last line cut short, blank lines and every damaged line (not UTF-8, or not a metrics line by
+    report.rundata.parse_metrics_line), named in a warning: a resume never stops at one."""
+    try:
+        *lines, tail = Path(path).read_bytes().split(b"\n")  # tail: after the last newline, b"" unless cut short
+    except OSError as e:
+        raise CheckpointError(f"cannot read metrics '{path}': {e.strerror or e}") from None
+    kept, damaged = [], []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row, _ = parse_metrics_line(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            damaged.append(f"line {number} (not UTF-8)")
+        except ValueError as e:
+            damaged.append(f"line {number} ({e})")
+        else:
+            if row["step"] <= step:
+                kept.append(line + b"\n")
+    if damaged:
+        warnings.warn(f"'{path}': dropped {len(damaged)} damaged line(s) while resuming: {', '.join(damaged[:5])}"
+                      + (f" and {len(damaged) - 5} more" if len(damaged) > 5 else ""))
+    return b"".join(kept), len(lines) - len(kept) + bool(tail)

@@ -38,6 +38,7 @@ from difftrain.checkpoint import (
     open_nofollow,
 )
 from difftrain.config import Config, ConfigError
+from difftrain.training import metrics
 
 LOCK_FILE = ".lock"
 UNREADABLE = "unreadable"
@@ -213,22 +214,15 @@ def config_changes(saved: dict, cfg: Config) -> list[str]:
 
 
 def trim_metrics(run_dir: Path, step: int) -> int:
-    """Drop the metrics.jsonl lines of steps after `step` and any line cut short; returns how many went."""
+    """Drop the metrics.jsonl lines of steps after `step`, any line cut short and any damaged one (not UTF-8, not
+    a metrics line: training/metrics.lines_up_to); returns how many went."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return 0
-    lines = path.read_text().splitlines(keepends=True)
-    kept = []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if line.endswith("\n") and isinstance(row, dict) and int(row.get("step", 0)) <= step:
-            kept.append(line)
-    if len(kept) < len(lines):
-        atomic_write(path, lambda f: f.write("".join(kept).encode()), what="metrics")
-    return len(lines) - len(kept)
+    kept, gone = metrics.lines_up_to(path, step)
+    if gone:
+        atomic_write(path, lambda f: f.write(kept), what="metrics")
+    return gone
 
 
 def find_checkpoint(ckpt_dir: Path, mode: str) -> tuple[tuple[Path, dict] | None, list[Path]]:
