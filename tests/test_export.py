@@ -426,3 +426,15 @@ def test_model_card_escapes_markdown_html_and_front_matter(tmp_path):
     meta = yaml.safe_load(head)
     assert meta["classes"] == names and meta["library_name"] == "diffusers"
     assert "\n````yaml\n" in config_block and config_block.count("\n````") == 2  # outlasts the ``` inside
+
+
+def test_model_card_metrics_skip_damaged_lines(tmp_path):
+    """The model card's metrics come from the report's tolerant reader: a line nested 100k deep, a byte that is
+    not UTF-8, NaN and a cut line are skipped; the last finite value of each key is kept."""
+    from difftrain.interop.model_card import read_metrics
+
+    lines = [b'{"step": 1, "loss": 0.5}', b"[" * 100_000 + b"]" * 100_000, b'{"step": 2, "loss": 0.25, "x": \xff}',
+             b'{"step": 3, "loss": NaN, "lr": 0.001}', b'{"step": 4, "lo']
+    (tmp_path / "metrics.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    metrics = read_metrics(tmp_path)
+    assert metrics["loss"] == (1, 0.5) and metrics["lr"] == (3, 0.001)

@@ -12,6 +12,7 @@ import yaml
 
 from difftrain.config import Config
 from difftrain.interop.exported import Exported, ExportReport
+from difftrain.report.rundata import read_metrics_file
 
 MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]#|!~])")
 
@@ -41,19 +42,14 @@ STEP_KEYS = {"UNet2DModel": "unet", "SD3Transformer2DModel": "transformer", "Flu
 
 
 def read_metrics(run_dir: Path) -> dict[str, tuple[int, float]]:
-    """The last value of every key in metrics.jsonl, with the step it was logged at."""
-    path = Path(run_dir) / "metrics.jsonl"
+    """The last finite value of every key in metrics.jsonl, with the step it was logged at. Read by the report's
+    reader: damaged, non-UTF-8, deeply nested or non-finite lines are skipped there, never raised."""
+    rows, _ = read_metrics_file(Path(run_dir) / "metrics.jsonl")
     last: dict[str, tuple[int, float]] = {}
-    if not path.is_file():
-        return last
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a killed run
+    for row in rows:
         for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)):
-                last[key] = (int(row.get("step", 0)), value)
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                last[key] = (int(row["step"]), value)
     return last
 
 
