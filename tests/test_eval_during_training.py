@@ -126,3 +126,17 @@ def test_a_report_that_cannot_be_written_only_warns(tmp_path, monkeypatch, capsy
         Engine(load_config("digits", [f"run_dir={tmp_path}", *SMALL, "train.steps=2"])).run()
     assert "Report page: not written (OSError: disk full)" in capsys.readouterr().err
     assert (tmp_path / "weights-ema.safetensors").is_file()
+
+
+def test_make_demo_draws_a_quality_curve():
+    """`make demo` scores the EMA a few times, so the first report page a user opens has a quality curve
+    beside the loss; the evaluations fall on the run's steps, the last one at its end."""
+    from pathlib import Path
+
+    makefile = (Path(__file__).parents[1] / "Makefile").read_text()
+    line = next(ln for ln in makefile.splitlines() if "difftrain train digits" in ln)
+    overrides = [a for a in line.split() if "=" in a and not a.startswith("run_dir")]
+    cfg = load_config("digits", overrides)
+    every, steps = cfg.train.eval_every, cfg.train.steps
+    assert 0 < every and steps // every >= 3 and steps % every == 0, (every, steps)
+    assert cfg.train.eval_samples <= 250  # light: a small part of the demo's time
