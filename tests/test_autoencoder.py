@@ -211,4 +211,6 @@ def test_kl_autoencoder_run_is_a_first_stage(tmp_path):
     assert stage.kind == "difftrain-kl" and stage.factor == 2 and stage.latent_channels == 2 and stage.image_channels == 1
     x = torch.rand(3, 1, 8, 8) * 2 - 1
     assert stage.encode(x).shape == (3, 2, 4, 4) and stage.decode(stage.encode(x)).shape == x.shape
-    assert not torch.equal(stage.encode(x, sample=True), stage.encode(x))  # a posterior sample, not the mode
+    posterior = stage.encode(x, sample=True)
+    assert torch.isfinite(posterior).all()  # a NaN sample would pass `not equal`
+    assert not torch.equal(posterior, stage.encode(x))  # a posterior sample, not the mode

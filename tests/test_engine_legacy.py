@@ -22,7 +22,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 LEGACY = Path(__file__).parent / "data" / "legacy"
 COMMON = ["train.steps=3", "train.checkpoint_every=1", "train.sample_every=0",
           "train.tensorboard=false", "train.progress=false", "train.log_every=1", "train.batch_size=8"]
+# model.norm_groups=32: the digits recipe's value when the fixtures were written (it is 24 since it exports)
 DIGITS = ["model.model_channels=4", "model.channel_mult=[1]", "model.attention_resolutions=[8]", "model.num_heads=1",
+          "model.norm_groups=32",
           "sample.steps=2", "train.ema_rates=[0.9,0.5]", "train.timestep_sampler=loss-second-moment",
           "diffusion.timesteps=8", "train.warmup_steps=1", *COMMON]
 AUTOENCODER = ["autoencoder.kind=vq", "autoencoder.ch=4", "autoencoder.ch_mult=[1]", "autoencoder.num_res_blocks=1",

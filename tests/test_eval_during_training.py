@@ -239,3 +239,17 @@ def test_the_fingerprint_of_best_pt_sees_one_changed_weight(tmp_path):
     save_checkpoint({"model": {"w": w}}, tmp_path / "b.pt")
     a, b = fingerprint(tmp_path / "a.pt"), fingerprint(tmp_path / "b.pt")
     assert a["bytes"] == b["bytes"] and a != b
+
+
+def test_make_demo_draws_a_quality_curve():
+    """`make demo` scores the EMA a few times, so the first report page a user opens has a quality curve
+    beside the loss; the evaluations fall on the run's steps, the last one at its end."""
+    from pathlib import Path
+
+    makefile = (Path(__file__).parents[1] / "Makefile").read_text()
+    line = next(ln for ln in makefile.splitlines() if "difftrain train digits" in ln)
+    overrides = [a for a in line.split() if "=" in a and not a.startswith("run_dir")]
+    cfg = load_config("digits", overrides)
+    every, steps = cfg.train.eval_every, cfg.train.steps
+    assert 0 < every and steps // every >= 3 and steps % every == 0, (every, steps)
+    assert cfg.train.eval_samples <= 250  # light: a small part of the demo's time

@@ -167,6 +167,7 @@ def test_hybrid_loss_stops_the_vlb_gradient_at_the_mean():
         loss.sum().backward()
         grads.append(out_w.grad.clone())
     torch.testing.assert_close(grads[0][0], grads[1][0])  # eps output channel: L_simple only
+    assert torch.isfinite(grads[1]).all()  # NaN gradients would pass `not allclose`
     assert not torch.allclose(grads[0][1], grads[1][1])  # the v channel learns from L_vlb
     proc = GaussianDiffusion(s, "eps", learn_sigma=True, vlb_weight=0.001)
     torch.testing.assert_close(proc.loss(fn, x0, t, noise), hybrid_loss(fn, s, x0, t, noise, "eps", 0.001))
