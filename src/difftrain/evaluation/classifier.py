@@ -1,4 +1,5 @@
-"""An offline metric for samples of any labelled small image data set (digits, MNIST, Fashion-MNIST, fonts).
+"""An offline metric for samples of any labelled small image data set (digits, MNIST, Fashion-MNIST, fonts by
+letter, emoji by Unicode group; 1 or 3 channels at any size).
 
 Nothing is downloaded. A small CNN is trained here once per reference data set (fixed seed,
 on its train split, one CPU thread: seconds for the digits, about a minute for MNIST), cached
@@ -43,10 +44,10 @@ from difftrain.evaluation import EvaluationError
 from difftrain.evaluation.frechet import frechet_distance_features
 from difftrain.runtime import cache_dir
 
-VERSION = 5  # bump when the classifier, its training or the cached statistics change: old cache files are retrained
+VERSION = 6  # bump when the classifier, its training or the cached statistics change: old cache files are retrained
 FORMAT = "difftrain-classifier"
 NEAR_COPY_PERCENTILE = 1.0
-DEFAULT_DATASETS = ("digits", "mnist", "fashion_mnist", "fonts")  # `difftrain eval` picks this metric for them
+DEFAULT_DATASETS = ("digits", "mnist", "fashion_mnist", "fonts", "emoji")  # `difftrain eval` picks this metric for them
 DIGITS_REFERENCE = "sklearn digits, stratified split (30% test, seed 0)"
 
 
@@ -141,7 +142,7 @@ class SmallCNN(nn.Module):
 @dataclass(frozen=True)
 class TrainSpec:
     """How the classifier of a reference is trained (AdamW, one-cycle lr, random shifts of up to size / 14 pixels,
-    at least 1: 1 at 8x8, 2 at 28x28)."""
+    at least 1: 1 at 8x8, 2 at 28x28, padded with the data's background: `background_value`)."""
 
     steps: int
     batch_size: int = 64
@@ -158,10 +159,17 @@ def train_spec(reference: Reference) -> TrainSpec:
     return TrainSpec(steps=max(400, math.ceil(5 * len(reference.train) / 128)), batch_size=128, lr=3e-3)
 
 
-def _random_shift(x: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
-    """Translate each image by up to max_shift pixels (zero-padded with the background value -1)."""
+def background_value(images: Tensor) -> float:
+    """The most common border pixel of uint8 images (N, C, H, W), in the model range [-1, 1]: the paper that a
+    shift uncovers (black, -1, for digits and MNIST; white, 1, for fonts and emoji)."""
+    border = torch.cat([images[..., 0, :], images[..., -1, :], images[..., 0], images[..., -1]], -1).flatten()
+    return float(to_model_range(torch.bincount(border.long(), minlength=256).argmax().to(torch.uint8)))
+
+
+def _random_shift(x: Tensor, max_shift: int, generator: torch.Generator, background: float = -1.0) -> Tensor:
+    """Translate each image by up to max_shift pixels, padded with the background value."""
     b, _, h, w = x.shape
-    padded = F.pad(x, (max_shift,) * 4, value=-1.0)  # (B, C, H + 2s, W + 2s)
+    padded = F.pad(x, (max_shift,) * 4, value=background)  # (B, C, H + 2s, W + 2s)
     dy, dx = (torch.randint(0, 2 * max_shift + 1, (2, b), generator=generator))
     rows = dy[:, None] + torch.arange(h)[None]  # (B, H)
     cols = dx[:, None] + torch.arange(w)[None]  # (B, W)
@@ -179,6 +187,7 @@ def train_classifier(reference: Reference, spec: TrainSpec) -> tuple[SmallCNN, f
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=spec.steps, pct_start=0.1)
     max_shift, batch_size = max(1, reference.image_size // 14), spec.batch_size
+    background = background_value(reference.train.images)
     model.train()
     perm, pos = torch.randperm(len(x), generator=generator), 0
     # The network is small: one thread avoids intra-op synchronisation that made training >10x
@@ -192,7 +201,7 @@ def train_classifier(reference: Reference, spec: TrainSpec) -> tuple[SmallCNN, f
                     perm, pos = torch.randperm(len(x), generator=generator), 0
                 idx = perm[pos : pos + batch_size]
                 pos += batch_size
-                loss = F.cross_entropy(model(_random_shift(x[idx], max_shift, generator)), y[idx])
+                loss = F.cross_entropy(model(_random_shift(x[idx], max_shift, generator, background)), y[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
