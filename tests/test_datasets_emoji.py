@@ -168,6 +168,21 @@ def test_the_classifier_metric_scores_emoji_by_group(tmp_path, fake_emoji, monke
     assert 0 <= r["classifier_test_accuracy"] <= 1 and "test accuracy" in format_report(r)
 
 
+def test_classifier_shifts_uncover_the_datas_background():
+    """Shifted training images are padded with the paper colour: white for fonts and emoji (it was black,
+    -1, for every data set), black for the digits as before."""
+    from difftrain.data.digits import load_digits_splits
+    from difftrain.evaluation import classifier as C
+
+    white = torch.full((4, 3, 32, 32), 255, dtype=torch.uint8)
+    white[:, :, 8:24, 8:24] = 0  # ink in the middle
+    assert C.background_value(white) == 1.0 and C.background_value(load_digits_splits(8).train.images) == -1.0
+    x = white.float() / 127.5 - 1
+    shifted = C._random_shift(x, 2, torch.Generator().manual_seed(0), C.background_value(white))
+    assert shifted.shape == x.shape and set(shifted.unique().tolist()) == {-1.0, 1.0}
+    assert (shifted[:, :, :, 0] == 1.0).all() and (shifted[:, :, 0, :] == 1.0).all()  # no black bars at the edges
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (Path(E.EMOJI_FONT).is_file() and Path(E.EMOJI_TEST).is_file()),
                     reason="apt-get install fonts-noto-color-emoji unicode-data")

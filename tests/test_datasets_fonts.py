@@ -220,3 +220,18 @@ def test_every_installed_font_family(tmp_path):
     np.fill_diagonal(dist, 1.0)
     assert dist.min() >= R.DUPLICATE_TOLERANCE
     assert all(len({img.tobytes() for img in font}) == 26 for font in images)
+
+
+def test_near_copies_of_fonts_count_exact_copies(tmp_path, monkeypatch, one_thread):
+    """Over 1% of the test letters have an exact copy in training (the I of many fonts is one bar): the
+    threshold is 0, and the training letters themselves count as near-copies (they counted as none)."""
+    from difftrain.evaluation import classifier as C
+
+    images = write_fonts_npz(tmp_path / "f.npz", n_fonts=10)
+    images[:, 8] = images[0, 8]  # every font's I is font 0's
+    np.savez(tmp_path / "f.npz", images=images, fonts=np.array([f"font{i}" for i in range(10)]))
+    monkeypatch.setattr(C, "train_spec", lambda reference: C.TrainSpec(steps=5, batch_size=8))
+    reference = C.load_reference(DataConfig(name="fonts", path=str(tmp_path / "f.npz"), image_size=32, test_fraction=0.3), 32)
+    r = C.classifier_metrics(reference.train.images[:52], reference.train.labels[:52], reference, cache=tmp_path)
+    assert r["near_copy_threshold"] == 0.0 and r["near_copy_fraction"] == 1.0
+    assert r["near_copy_fraction_test"] == pytest.approx(1 / 26)  # the 3 test fonts' I of their 78 letters
