@@ -263,7 +263,7 @@ def _add_eval_command(sub) -> None:
                    "(at most --n images) under the variational bound, all timesteps; Gaussian process only")
     e.add_argument("--metric", choices=["classifier", "digits", "fid"], default=None,
                    help="classifier: offline metric from a small CNN trained on the run's labelled data set (default "
-                   "for digits, mnist, fashion_mnist, fonts; digits is its alias); fid: FID/KID/IS/precision-recall "
+                   "for digits, mnist, fashion_mnist, fonts, emoji; digits is its alias); fid: FID/KID/IS/precision-recall "
                    "through torch-fidelity (needs it installed and the Inception weights on disk)")
     e.add_argument("--n", type=COUNT_OPTION, default=1000, help="samples to draw from RUN (default 1000)")
     e.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, help="default: the recipe's")

@@ -1,4 +1,4 @@
-"""`difftrain data fonts | shard | inspect`: make and check data sets. Importing it does not import torch."""
+"""`difftrain data fonts | emoji | shard | inspect`: make and check data sets. Importing it does not import torch."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 from difftrain.config_checks import (
     COUNT_OPTION,
+    EMOJI_SIZE_OPTION,
     FONT_SIZE_OPTION,
     OFF_OR_COUNT_OPTION,
     PER_CLASS_OPTION,
@@ -17,13 +18,28 @@ from difftrain.config_checks import (
 
 
 def cmd_data_fonts(args: argparse.Namespace) -> int:
-    from difftrain.data.fonts import render_fonts
+    from difftrain.data.font_render import render_fonts
 
-    out, used, skipped = render_fonts(args.out, args.font or None, size=args.size,
-                                      include_default=not args.no_default_font, max_fonts=args.max_fonts)
-    for line in skipped:
-        print(f"skipped {line}", file=sys.stderr)
-    print(f"wrote {len(used)} fonts x 26 letters ({args.size}x{args.size}) to {out}")
+    report = render_fonts(args.out, args.font or None, size=args.size, include_default=not args.no_default_font,
+                          max_fonts=args.max_fonts, preview=args.preview or None)
+    for face, reason, detail in report.dropped:
+        where = face if isinstance(face, str) else f"{face.family} ({face.where})"
+        print(f"dropped {where}: {reason}: {detail}", file=sys.stderr)
+    print(report.summary())
+    print(f"wrote {len(report.kept)} fonts x 26 letters ({args.size}x{args.size}) to {report.path}"
+          + (f"; preview {report.preview}" if report.preview else ""))
+    return 0
+
+
+def cmd_data_emoji(args: argparse.Namespace) -> int:
+    from difftrain.data.emoji import render_emoji
+
+    report = render_emoji(args.out, args.size, font=args.font, emoji_test=args.emoji_test, preview=args.preview or None)
+    for e, reason in report.dropped:
+        print(f"dropped {e.hex} ({e.name}): {reason}", file=sys.stderr)
+    print(report.summary())
+    print(f"wrote {len(report.kept)} emoji ({args.size}x{args.size} RGB) to {report.path}"
+          + (f"; preview {report.preview}" if report.preview else ""))
     return 0
 
 
@@ -52,14 +68,27 @@ def add_data_commands(sub) -> None:
     dsub = d.add_subparsers(dest="data_command", required=True)
 
     f = dsub.add_parser("fonts", help="render the letters-in-fonts data set",
-                        description="Render A-Z in every TrueType/OpenType font found on this machine (or given) "
-                        "as black-and-white images, one font per row, into OUT (.npz or .csv).")
+                        description="Render A-Z once per font family found on this machine (or given) as "
+                        "black-and-white images, one family per row, into OUT (.npz or .csv); fonts missing letters "
+                        "and near-duplicates of another are dropped and counted; a preview grid is written beside OUT.")
     f.add_argument("out", help="output file, .npz or .csv")
     f.add_argument("--font", action="append", metavar="PATH", help="a font file (repeatable); default: the fonts found")
     f.add_argument("--size", type=FONT_SIZE_OPTION, default=32, help="letter image side in pixels (default 32)")
     f.add_argument("--max-fonts", type=OFF_OR_COUNT_OPTION, default=0, help="use at most this many fonts (0: all)")
     f.add_argument("--no-default-font", action="store_true", help="leave out Pillow's built-in font")
+    f.add_argument("--preview", default="auto", help="preview grid PNG (default OUT-preview.png; '' for none)")
     f.set_defaults(func=cmd_data_fonts)
+
+    e = dsub.add_parser("emoji", help="render the colour emoji data set (labelled by Unicode group)",
+                        description="Render the fully-qualified emoji of emoji-test.txt from a colour emoji font "
+                        "on white, labelled by group, into OUT (.npz: images uint8 (N, 3, S, S), labels, class_names, "
+                        "codepoints); a preview grid is written beside OUT.")
+    e.add_argument("out", help="output file, .npz")
+    e.add_argument("--size", type=EMOJI_SIZE_OPTION, default=32, help="image side: 32, 64 or 128 (default 32)")
+    e.add_argument("--font", default=None, help="colour emoji font (default: Noto Color Emoji of fonts-noto-color-emoji)")
+    e.add_argument("--emoji-test", default=None, help="emoji list (default: emoji-test.txt of unicode-data)")
+    e.add_argument("--preview", default="auto", help="preview grid PNG (default OUT-preview.png; '' for none)")
+    e.set_defaults(func=cmd_data_emoji)
 
     s = dsub.add_parser("shard", help="write an image folder as WebDataset tar shards",
                         description="Write the images under FOLDER, shuffled, as tar shards (KEY.png + KEY.cls) "

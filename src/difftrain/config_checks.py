@@ -352,6 +352,8 @@ SEED_OPTION = option(int, SEED)
 SIDE_OPTION = option(int, SIDE)  # --image-size
 PER_CLASS_OPTION = option(int, integer(1, 256))  # preview images per class
 FONT_SIZE_OPTION = option(int, integer(1, 512))  # letters are drawn at 4x first, on a canvas 3x wider again
+EMOJI_SIZES = (32, 64, 128)  # the 136 x 128 colour bitmaps, padded square, downscaled
+EMOJI_SIZE_OPTION = option(int, (lambda v: v in EMOJI_SIZES, "one of " + ", ".join(map(str, EMOJI_SIZES))))
 NUMBER_OPTION = option(float, number())  # --guidance: any finite number
 NONNEGATIVE_OPTION = option(float, number(0))  # --eta
 

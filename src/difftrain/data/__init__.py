@@ -12,6 +12,7 @@ class DataError(ValueError):
 from difftrain.config import DataConfig
 from difftrain.data.cifar import load_cifar_splits
 from difftrain.data.digits import load_digits_splits
+from difftrain.data.emoji import load_emoji_splits
 from difftrain.data.folder import load_folder_splits
 from difftrain.data.fonts import load_fonts_splits
 from difftrain.data.memory import BatchStream, ImageSet, Splits, to_model_range, to_uint8
@@ -71,6 +72,13 @@ def _fonts(cfg: DataConfig) -> Splits:
     if cfg.channels not in (None, 1):
         raise DataError(f"fonts are black and white: data.channels must be 1 or null, got {cfg.channels}")
     return load_fonts_splits(cfg.path, cfg.image_size, cfg.test_fraction, cfg.split_seed)
+
+
+@DATASETS.register("emoji")
+def _emoji(cfg: DataConfig) -> Splits:
+    if cfg.channels not in (None, 3):
+        raise DataError(f"emoji are in colour: data.channels must be 3 or null, got {cfg.channels}")
+    return load_emoji_splits(cfg.path, cfg.image_size, cfg.test_fraction, cfg.split_seed)
 
 
 @DATASETS.register("shards")

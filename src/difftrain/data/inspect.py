@@ -1,7 +1,8 @@
 """`difftrain data inspect SOURCE`: counts, classes, image sizes, a preview grid and the unreadable files.
 
 SOURCE is a registered data set name (`digits`), or a path or URL whose kind is guessed: a
-shard folder / shards.json / .tar pattern / http(s) URL (shards), a .npz or .csv (fonts), a
+shard folder / shards.json / .tar pattern / http(s) URL (shards), a .npz with codepoints (emoji), another
+.npz or a .csv (fonts), a
 folder holding the CIFAR pickles (cifar10 / cifar100), or any other folder (images). `name`
 overrides the guess (e.g. `mnist`, `celebahq`).
 """
@@ -20,6 +21,7 @@ from difftrain.config import DataConfig
 from difftrain.data import DataError
 from difftrain.data.cifar import LAYOUTS as CIFAR_LAYOUTS
 from difftrain.data.cifar import find_cifar_folder
+from difftrain.data.emoji import read_emoji_file
 from difftrain.data.folder import class_of, list_images, read_image, resolve_class_source
 from difftrain.data.fonts import LETTERS, read_fonts_file
 from difftrain.data.images import to_pil
@@ -82,7 +84,7 @@ def guess_kind(source: str) -> str:
     if is_url(source) or source.endswith((".tar", ".json")) or "{" in source:
         return "shards"
     if path.suffix in (".npz", ".csv") and path.is_file():
-        return "fonts"
+        return "emoji" if path.suffix == ".npz" and _npz_has(path, "codepoints") else "fonts"
     if path.is_dir():
         if (path / INDEX_NAME).is_file() or (any(path.glob("*.tar")) and not list_images(path)):
             return "shards"
@@ -94,6 +96,15 @@ def guess_kind(source: str) -> str:
                 pass
         return "folder"
     raise DataError(f"'{source}' is neither a data set name ({', '.join(DATASETS.names())}) nor an existing path or URL")
+
+
+def _npz_has(path: Path, name: str) -> bool:
+    """Whether the .npz holds an array `name` (reads only its zip directory; a damaged file: False)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return name in z.files
+    except Exception:  # not a zip at all: the fonts reader names the problem
+        return False
 
 
 def _grid(images: list[np.ndarray], rows: list[int], cols: int) -> Image.Image:
@@ -266,7 +277,8 @@ def inspect_source(source: str, *, name: str | None = None, preview: str | Path 
         if fonts is not None and fonts.shape[2] != fonts.shape[3]:
             _inspect_fonts(report, fonts, grid)  # training refuses non-square letters: show them as they are
         else:
-            size = image_size or (fonts.shape[-1] if fonts is not None else NATIVE_SIZE.get(kind, 32))
+            native = read_emoji_file(source)["images"].shape[-1] if kind == "emoji" else NATIVE_SIZE.get(kind, 32)
+            size = image_size or (fonts.shape[-1] if fonts is not None else native)
             _inspect_loaded(report, DataConfig(name=kind, path=path, image_size=size, download=download), grid)
     report.preview = grid.save(preview)
     return report

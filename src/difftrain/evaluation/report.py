@@ -16,7 +16,7 @@ METRICS = ("classifier", "digits", "fid")
 
 def default_metric(data: DataConfig | None) -> str:
     """digits for digit data (or samples without a run), classifier for the other small labelled
-    data sets (MNIST, Fashion-MNIST, fonts), fid otherwise."""
+    data sets (MNIST, Fashion-MNIST, fonts, emoji), fid otherwise."""
     from difftrain.evaluation.classifier import DEFAULT_DATASETS
 
     if data is None or data.name == "digits":
