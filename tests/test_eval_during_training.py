@@ -170,7 +170,7 @@ def test_a_nan_best_is_replaced_by_the_next_score(tmp_path, monkeypatch):
     from difftrain.checkpoint import save_checkpoint
 
     ckpt = tmp_path / "checkpoints"
-    ckpt.mkdir(parents=True)
+    make_trainer(tmp_path, "train.steps=1", "train.eval_every=0").run()  # a run to resume: step 1's checkpoint
     save_checkpoint({"step": 1, "best": {"step": 1, "key": "eval_frechet_distance", "value": float("nan")}},
                     ckpt / "best.pt")
     (ckpt / "best.json").write_text('{"step": 1, "key": "eval_frechet_distance", "value": NaN}')
@@ -222,8 +222,9 @@ def test_a_changed_evaluation_setting_starts_a_new_best(tmp_path, monkeypatch, c
 def test_an_out_of_step_best_json_is_found_when_training_starts(tmp_path, monkeypatch, capsys):
     ckpt, seen = tmp_path / "checkpoints", []
     monkeypatch.setattr(Evaluator, "score", lambda self: seen.append((ckpt / "best.json").is_file()) or {})
+    make_trainer(tmp_path, "train.steps=2", "train.eval_every=0").run()  # a run to resume: step 2's checkpoint
     fake_best(ckpt, step=2, value=0.5)
-    make_trainer(tmp_path, "train.steps=2", "train.eval_every=100").run()
+    make_trainer(tmp_path, "train.steps=3", "train.eval_every=100").run()
     assert "best.json' is missing; rebuilt it from the record inside best.pt (step 2" in capsys.readouterr().err
     assert seen == [True]  # rebuilt before the only evaluation (the final one)
     assert json.loads((ckpt / "best.json").read_text())["step"] == 2
