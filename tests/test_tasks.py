@@ -47,6 +47,13 @@ def test_a_task_that_contradicts_autoencoder_kind_is_refused_naming_both_keys(tm
     assert "Traceback" not in err and not run.exists()  # refused before anything was written
 
 
+def test_the_dry_run_prints_the_resolved_task_and_refuses_a_wrong_one(capsys):
+    assert main(["train", "digits-ae", "--dry-run"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["train"]["task"] == "autoencoder"
+    assert main(["train", "digits", "train.task=autoencoder", "--dry-run"]) == 2
+    assert "train.task=autoencoder needs autoencoder.kind" in capsys.readouterr().err
+
+
 class ToyTask:
     """The smallest task: a 1x1 convolution trained to reproduce its input image."""
 

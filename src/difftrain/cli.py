@@ -61,7 +61,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides)
     if args.dry_run:
         from difftrain.training.resources import MemoryEstimate, estimate_memory
+        from difftrain.training.tasks import resolve_task
 
+        resolve_task(cfg)  # train.task as training resolves it: auto -> the name; a wrong one is refused here too
         estimate = estimate_memory(cfg)  # also refuses a batch larger than the training split
         print(cfg.to_yaml(), end="")
         # YAML comments: the output stays a valid config
