@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
+from difftrain.checkpoint import load_checkpoint
 from difftrain.cli import main
 from difftrain.config import load_config
 from difftrain.training import train
@@ -74,3 +76,20 @@ def test_legacy_autoencoder_checkpoint_resumes(tmp_path):
     run = resume_legacy(tmp_path, "ae", "digits-ae", AUTOENCODER)
     assert_same_lines(run, "ae")
     assert (run / "weights-ema.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name, task", [("digits", "diffusion"), ("ae", "autoencoder")])
+def test_legacy_config_without_train_task_resumes_as_its_task(tmp_path, name, task):
+    """An old run's config.yaml and checkpoint lack train.task: it is inferred from autoencoder.kind, the run
+    resumes to the same lines, and its config.yaml then records the task."""
+    saved = load_checkpoint(LEGACY / name / "step-0000001.pt")["config"]
+    assert "task" not in saved["train"]  # the fixtures predate the key
+    run = tmp_path / name
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(LEGACY / name / "step-0000001.pt", run / "checkpoints")
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(load_config(str(run / "config.yaml"), [f"run_dir={run}"]))
+    assert_same_lines(run, name)
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["task"] == task

@@ -121,6 +121,9 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    # the training task (training/tasks TASKS): diffusion | autoencoder | auto (or null): autoencoder when
+    # autoencoder.kind is vq | kl, else diffusion, as runs written before this key did; a run stores the resolved name
+    task: str | None = "auto"
     steps: int = 1000
     budget: str = ""  # replaces steps: wall time (30s, 10m, 2h; lr decay ends there) or images (2M_images); "": off
     batch_size: int = 128

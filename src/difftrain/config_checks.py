@@ -285,7 +285,7 @@ CHECKED_WHERE_USED = frozenset({
     "diffusion.timestep_sampling", "diffusion.loss_weighting", "diffusion.zero_terminal_snr",
     "data.name", "data.path", "data.random_flip", "data.class_from", "data.strict", "data.test_path", "data.download",
     "data.normalize",
-    "train.scale_lr", "train.lr_schedule", "train.ema_warmup", "train.timestep_sampler", "train.precision",
+    "train.task", "train.scale_lr", "train.lr_schedule", "train.ema_warmup", "train.timestep_sampler", "train.precision",
     "train.compile", "train.channels_last", "train.resume", "train.device", "train.tensorboard", "train.wandb",
     "train.progress", "train.allow_config_change", "train.eval_sampler",
     "sample.sampler", "sample.spacing", "sample.respacing", "sample.variance", "sample.clip_x0",

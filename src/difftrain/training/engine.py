@@ -63,7 +63,7 @@ from difftrain.training.rundir import (
 )
 from difftrain.training.schedules import base_lr
 from difftrain.training.state import Stopped, StopSignals, rng_state, seed_everything, set_rng_state
-from difftrain.training.tasks import TASKS, StepResult, task_for
+from difftrain.training.tasks import TASKS, StepResult, resolve_task
 
 
 class TrainingError(RuntimeError):
@@ -71,11 +71,11 @@ class TrainingError(RuntimeError):
 
 
 class Engine:
-    """One run of a task (named, or the one `cfg` selects); `run()` trains to cfg.train.steps."""
+    """One run of the task train.task names (training/tasks TASKS); `run()` trains to cfg.train.steps."""
 
-    def __init__(self, cfg: Config, task: str | None = None):
+    def __init__(self, cfg: Config):
         self.cfg = cfg
-        name = task or task_for(cfg)
+        name = resolve_task(cfg)  # train.task (auto: from autoencoder.kind, as older runs), stored in cfg
         task_class = TASKS[name]
         if not task_class.distributed and distributed.world_from_env().active:
             raise ConfigError(f"the {name} task trains in one process for now; launch it without torchrun and with "
@@ -426,8 +426,8 @@ class Engine:
 def train(cfg: Config) -> Path:
     """Train `cfg` to cfg.train.steps (resuming per cfg.train.resume); returns the run directory.
 
-    The task is the one cfg selects (training/tasks: autoencoder.kind vq | kl trains a first stage,
-    otherwise a diffusion model). SIGTERM or Ctrl-C finishes the current step, writes a checkpoint and
+    The task is the one train.task names (training/tasks; auto: autoencoder.kind vq | kl trains a first
+    stage, otherwise a diffusion model). SIGTERM or Ctrl-C finishes the current step, writes a checkpoint and
     returns early. Under torchrun each rank calls this; the process group is left after a normal end
     (after an error the process exits and torchrun stops the other ranks).
     """

@@ -50,7 +50,7 @@ GRID_FILE = re.compile(r"step-(\d{7,})(-raw)?\.png")  # samples/: a grid of a st
 OBJECTIVE_KEYS = ("diffusion.process", "diffusion.prediction", "diffusion.schedule", "diffusion.timesteps",
                   "diffusion.beta_start", "diffusion.beta_end", "diffusion.learn_sigma", "diffusion.shift",
                   "diffusion.zero_terminal_snr", "diffusion.sigma_data",
-                  "data.image_size", "data.channels")
+                  "train.task", "data.image_size", "data.channels")
 AUTOENCODER_KEYS = ("kind", "ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "embed_dim",
                     "resolution", "n_embed", "codebook")
 

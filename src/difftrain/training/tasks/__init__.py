@@ -1,7 +1,8 @@
 """Training tasks: what one kind of training does in a step (see base.Task); the engine runs any of them.
 
-TASKS maps a name to the task class. `task_for(cfg)` names the one task whose `selected_by(cfg)` holds:
-`autoencoder` when autoencoder.kind is vq or kl, else `diffusion`.
+TASKS maps a name (`train.task`) to the task class; a new task is one file here and one line below.
+`resolve_task(cfg)` turns train.task into a registered name: `auto` (or null, or a config written before the
+key existed) is inferred as runs always were, `autoencoder` when autoencoder.kind is vq or kl, else `diffusion`.
 """
 
 from __future__ import annotations
@@ -16,14 +17,28 @@ TASKS: Registry[type[Task]] = Registry("training task")
 TASKS.register("diffusion")(DiffusionTask)
 TASKS.register("autoencoder")(AutoencoderTask)
 
-
-def task_for(cfg: Config) -> str:
-    """The name of the task `cfg` asks for."""
-    names = [name for name in TASKS.names() if TASKS[name].selected_by(cfg)]
-    if len(names) != 1:
-        raise ConfigError(f"the config selects {len(names)} training tasks ({', '.join(names) or 'none'}); "
-                          f"tasks: {', '.join(TASKS.names())}")
-    return names[0]
+AUTO = "auto"
 
 
-__all__ = ["TASKS", "AutoencoderTask", "DiffusionTask", "StepResult", "Task", "task_for"]
+def infer_task(cfg: Config) -> str:
+    """The task of a config without train.task (auto, null, or written before the key): what autoencoder.kind says."""
+    return "diffusion" if cfg.autoencoder.kind == "none" else "autoencoder"
+
+
+def resolve_task(cfg: Config) -> str:
+    """The name of the task `cfg` trains, written to cfg.train.task (so the run's config.yaml and checkpoints
+    record it); ConfigError for an unknown name (listing the choices) or a config the task refuses."""
+    asked = cfg.train.task
+    name = infer_task(cfg) if asked in (None, AUTO) else asked
+    try:
+        task_class = TASKS[name]
+    except ConfigError as e:  # "unknown training task 'x' (did you mean ...?); choose from ...", plus auto
+        raise ConfigError(f"train.task: {e}, {AUTO}") from None
+    problem = task_class.refusal(cfg)
+    if problem:
+        raise ConfigError(problem)
+    cfg.train.task = name
+    return name
+
+
+__all__ = ["TASKS", "AutoencoderTask", "DiffusionTask", "StepResult", "Task", "infer_task", "resolve_task"]

@@ -63,8 +63,11 @@ class AutoencoderTask:
     distributed = False  # one process: `train` refuses torchrun for it
 
     @staticmethod
-    def selected_by(cfg: Config) -> bool:
-        return cfg.autoencoder.kind != "none"
+    def refusal(cfg: Config) -> str | None:
+        if cfg.autoencoder.kind == "none":
+            return (f"train.task=autoencoder needs autoencoder.kind {' or '.join(KINDS)}, got none "
+                    f"(set autoencoder.kind, or train.task=diffusion)")
+        return None
 
     def __init__(self, cfg: Config, world: World, device: torch.device, resuming: bool = False):
         self.cfg, self.device = cfg, device

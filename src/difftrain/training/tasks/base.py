@@ -7,7 +7,8 @@ signals, the process group, logging and the end of the run. Tasks share code thr
 functions (training/ema.py, training/metrics.py), never by inheriting each other's state.
 
 A new task is one file under training/tasks/ with a class that has the members below, and one
-line in training/tasks/__init__.py's TASKS registry.
+line in training/tasks/__init__.py's TASKS registry; `train.task=NAME` selects it
+(tests/test_tasks.py trains a toy one).
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ class Task(Protocol):
     window: Window
 
     @staticmethod
-    def selected_by(cfg: Config) -> bool:
-        """Whether `cfg` asks for this task (train(cfg) takes the one registered task that answers yes)."""
+    def refusal(cfg: Config) -> str | None:
+        """Why `cfg` cannot train this task (a key of another task is set, naming both keys), or None.
+        train.task names the task (training/tasks TASKS); this is checked before anything is built."""
 
     def step(self, batch: tuple[Tensor, Tensor], lr: float, step: int, stop_requested: bool) -> StepResult:
         """One optimizer step (0-based `step`) on the global batch; EMAs and `window` updated when finite."""

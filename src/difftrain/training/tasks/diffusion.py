@@ -59,8 +59,11 @@ class DiffusionTask:
     distributed = True
 
     @staticmethod
-    def selected_by(cfg: Config) -> bool:
-        return cfg.autoencoder.kind == "none"
+    def refusal(cfg: Config) -> str | None:
+        if cfg.autoencoder.kind != "none":
+            return (f"train.task=diffusion but autoencoder.kind={cfg.autoencoder.kind} trains a first stage; "
+                    f"set train.task=autoencoder (or auto), or autoencoder.kind=none")
+        return None
 
     def __init__(self, cfg: Config, world: World, device: torch.device, resuming: bool = False):
         self.cfg, self.world, self.device = cfg, world, device
