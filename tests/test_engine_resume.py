@@ -87,6 +87,23 @@ def test_stop_and_resume_is_bitwise_identical(tmp_path, extra):
         assert int(a["timestep_sampler"]["seen"].min()) >= 10
 
 
+def test_a_draw_from_python_random_while_setting_up_does_not_shift_the_stream(tmp_path, monkeypatch):
+    """A module imported lazily during set-up may draw from Python's generator (sklearn imports rich, which does):
+    only the first run of a process would see it, so its checkpoints would differ from a resumed run's."""
+    import random
+
+    import difftrain.training.tasks.diffusion as diffusion_task
+
+    load = diffusion_task.load_data
+    draws = []
+    monkeypatch.setattr(diffusion_task, "load_data", lambda *a, **k: (draws.append(random.random()), load(*a, **k))[1])
+    random.seed(3)
+    expected = random.getstate()  # the state train.seed=3 gives
+    random.random()
+    make_trainer(tmp_path, "train.seed=3")
+    assert len(draws) == 1 and random.getstate() == expected
+
+
 def test_checkpoint_holds_everything_to_resume(tmp_path):
     make_trainer(tmp_path, "train.steps=3", "train.timestep_sampler=loss-second-moment").run()
     state = final_state(tmp_path)

@@ -24,6 +24,7 @@ No file of it is written through a symbolic link (checkpoint.atomic_write, check
 from __future__ import annotations
 
 import math
+import random
 import sys
 import time
 import warnings
@@ -96,6 +97,10 @@ class Engine:
         # Every rank reads the same global batch (batch_size x world size); the task trains on its own slice.
         self.stream = BatchStream(self.task.data.train, cfg.train.batch_size * self.world.size, seed=cfg.train.seed,
                                   random_flip=cfg.data.random_flip, device=self.device)
+        # Python's own generator again: nothing of difftrain draws from it while setting up, but third-party modules
+        # imported lazily above may (sklearn imports rich when it is installed, which draws at import), and only in
+        # the first run of a process. Re-seeded, the stream a run starts with is the same whatever was imported.
+        random.seed(cfg.train.seed)
         self.step, self.skipped, self.nonfinite_run = 0, 0, 0
         self.saved_step = -1  # the step of the checkpoint written last
         self.stop_signals: StopSignals | None = None  # set by run(); the step shares its flag with all ranks
