@@ -87,6 +87,7 @@ class Evaluator:
         self.ckpt_dir = Path(run_dir) / "checkpoints"
         self.metrics: dict | None = None  # what applies, decided at the first evaluation: {"classifier": Reference, "fid": ...}
         self.last_step = -1  # the step evaluated last: a run that ends at an eval step is scored once
+        self.plan = None  # the sampling plan, built at the first evaluation (rank 0), then reused
         if self.every:
             self.check()
 
@@ -160,12 +161,16 @@ class Evaluator:
 
     def draw(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """train.eval_samples uint8 samples of the default EMA and their labels (None: unconditional)."""
-        from difftrain.generation import cycled_labels, generate
+        from difftrain.generation import cycled_labels
+        from difftrain.sampling import SamplingPlan
 
         k = self.cfg.model.num_classes or 0
         labels = cycled_labels(self.n, k) if k else None
-        images = generate(self.task.emas[0].model, self.cfg, self.n, labels=labels, seed=self.cfg.train.seed,
-                          sampler=self.sampler, steps=self.steps)
+        model = self.task.emas[0].model
+        if self.plan is None:
+            self.plan = SamplingPlan.from_config(self.cfg, device=next(model.parameters()).device,
+                                                 sampler=self.sampler, steps=self.steps)
+        images = self.plan.sample(model, self.n, labels=labels, seed=self.cfg.train.seed)
         return images, labels
 
     def score(self) -> dict[str, float]:
