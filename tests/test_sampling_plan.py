@@ -194,3 +194,12 @@ def test_sigma_interval_checks_and_the_older_key(model):
     assert not torch.equal(everywhere.sample(model, 4, labels=labels), before)  # the interval matters
     with pytest.raises(ConfigError, match="sample.guidance_interval_sigma: set together"):
         config_from_dict({**old, "sample": {**old["sample"], "guidance_interval_sigma": [0.1, 1.0]}})
+
+
+def test_a_bad_sampler_is_refused_before_the_first_stage_is_loaded(tmp_path):
+    cfg = tiny_config(timesteps=50)
+    cfg.diffusion.process, cfg.latent.first_stage, cfg.latent.scale_factor = "edm", str(tmp_path / "nope"), 1.0
+    with pytest.raises(ConfigError, match="sampler 'ddpm' does not apply to process 'edm'"):
+        SamplingPlan.from_config(cfg, sampler="ddpm")
+    with pytest.raises(ConfigError, match="nope"):  # a valid plan loads the first stage, which is missing here
+        SamplingPlan.from_config(cfg, sampler="euler")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -93,13 +93,13 @@ class SamplingPlan:
             interval=None if sc.guidance_interval_sigma is None else tuple(sc.guidance_interval_sigma),
             interval_t=None if t_interval == [0, 1] else tuple(t_interval),
             guided_channels=m.in_channels if cfg.diffusion.learn_sigma else None)
-        device = torch.device(device)
-        decode = decoder_for(cfg, device)  # latent diffusion: latents -> images through the first stage; else None
-        return cls.build(build_process(cfg.diffusion), (m.in_channels, m.image_size, m.image_size),
+        plan = cls.build(build_process(cfg.diffusion), (m.in_channels, m.image_size, m.image_size),
                          sampler=sampler or sc.sampler, steps=steps or sc.steps, spacing=sc.spacing,
                          respacing=sc.respacing, guidance=plan_guidance, clip_x0=sc.clip_x0,
-                         batch_size=batch_size or sc.batch_size, to_images=decode or data_range(cfg), device=device,
+                         batch_size=batch_size or sc.batch_size, to_images=data_range(cfg), device=device,
                          eta=sc.eta if eta is None else eta, variance=sc.variance)
+        decode = decoder_for(cfg, plan.device)  # latent diffusion: latents -> images through the first stage; else None
+        return plan if decode is None else replace(plan, to_images=decode)  # loaded once the rest is known to be valid
 
     @torch.no_grad()
     def sample(self, model: ModelFn, n: int, *, labels: Tensor | None = None, seed: int = 0,
