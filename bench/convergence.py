@@ -84,7 +84,8 @@ DATA_ARMS = {"digits": [a for a in ARMS if a not in ("eps_linear", "edm_high_noi
              "mnist": [a for a in ARMS if a not in ("v_cosine", *DIT_ARMS)],
              "mnist-dit": ["baseline", "dit_adaln", "dit_plain_data"],
              "digits-dit": ["baseline", "qk_norm_off"]}
-SIGMA_DATA = {"digits": 0.75, "mnist": 0.62, "mnist-dit": 1.0, "digits-dit": 1.0}  # std of the training images as the recipe scales them
+# std of the training images as the recipe scales them
+SIGMA_DATA = {"digits": 0.75, "mnist": 0.62, "mnist-dit": 1.0, "digits-dit": 1.0}
 EDM_ARMS = ("edm", "edm_data_std", "edm_high_noise")
 DDPM_ONLY = ("min_snr", "offset_noise", "zero_terminal_snr", "v_cosine", "eps_linear")
 SIGMA_RELS = "0.05,0.1,0.2"

@@ -1,8 +1,8 @@
 """Sampling images/s per sampler and number of model calls (NFE), beside a diffusers pipeline loop.
 
 The digits recipe's model (random weights: speed does not depend on them) draws a batch of
-class-conditional samples with classifier-free guidance through `generation.generate` for every
-VP sampler at each step count. The peer is what a diffusers pipeline does: `UNet2DModel` with
+class-conditional samples with classifier-free guidance through a `sampling.SamplingPlan` (built once,
+outside the timing) for every VP sampler at each step count. The peer is what a diffusers pipeline does: `UNet2DModel` with
 the parameter count closest to ours (`common.matched_unet2d_overrides`) and `DDIMScheduler`, one
 `torch.cat([x] * 2)` forward per step for guidance and `scheduler.step` after it, under
 `torch.no_grad()`. difftrain's `ddim` with that same UNet2DModel is timed too, which separates the
@@ -64,9 +64,10 @@ def diffusers_pipeline(unet, cfg, labels: torch.Tensor, steps: int, guidance: fl
 
 
 def main() -> None:
-    from difftrain.generation import cycled_labels, generate
+    from difftrain.generation import cycled_labels
     from difftrain.samplers import SAMPLERS as TABLE
     from difftrain.samplers import model_calls
+    from difftrain.sampling import SamplingPlan
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipe", default="digits")
@@ -89,10 +90,10 @@ def main() -> None:
         ours = trainer(args.recipe, [], Path(tmp) / "ours")
         cfg = ours.cfg
         m = cfg.model
-        overrides, _ = matched_unet2d_overrides(n_params(ours.model), m.image_size, m.in_channels, m.num_classes or 0,
+        overrides, _ = matched_unet2d_overrides(n_params(ours.task.model), m.image_size, m.in_channels, m.num_classes or 0,
                                                 list(m.channel_mult), m.num_res_blocks, list(m.attention_resolutions))
         peer = trainer(args.recipe, overrides, Path(tmp) / "peer")
-    model, peer_model = ours.model.eval(), peer.model.eval()
+    model, peer_model = ours.task.model.eval(), peer.task.model.eval()
     labels = cycled_labels(args.batch, m.num_classes)
 
     fns, meta = {}, {}
@@ -102,14 +103,15 @@ def main() -> None:
             run_cfg = copy.deepcopy(cfg)
             if TABLE[name].every_timestep:  # ddpm: `steps` of the 1000 timesteps (guided-diffusion respacing)
                 run_cfg.sample.respacing = str(steps)
-            fns[key] = lambda name=name, steps=steps, c=run_cfg: generate(
-                model, c, args.batch, labels=labels, sampler=name, steps=steps, guidance=args.guidance,
-                batch_size=args.batch)
+            plan = SamplingPlan.from_config(run_cfg, device=next(model.parameters()).device, sampler=name, steps=steps,
+                                            guidance=args.guidance, batch_size=args.batch)  # built once, not timed
+            fns[key] = lambda plan=plan: plan.sample(model, args.batch, labels=labels)
             meta[key] = {"side": "difftrain", "model": m.name, "sampler": name, "steps": steps,
                          "nfe": model_calls(name, steps)}
         key = f"difftrain ddim {steps} (UNet2DModel)"
-        fns[key] = lambda steps=steps: generate(peer_model, peer.cfg, args.batch, labels=labels, sampler="ddim",
-                                                steps=steps, guidance=args.guidance, batch_size=args.batch)
+        peer_plan = SamplingPlan.from_config(peer.cfg, device=next(peer_model.parameters()).device, sampler="ddim",
+                                             steps=steps, guidance=args.guidance, batch_size=args.batch)
+        fns[key] = lambda plan=peer_plan: plan.sample(peer_model, args.batch, labels=labels)
         meta[key] = {"side": "difftrain loop, diffusers model", "model": "UNet2DModel", "sampler": "ddim",
                      "steps": steps, "nfe": steps}
         key = f"diffusers ddim {steps}"

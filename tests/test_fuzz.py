@@ -10,8 +10,8 @@ import io
 import json
 import math
 import tarfile
-from pathlib import Path
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -199,7 +199,8 @@ SAMPLE_OPTIONS = {
     "--sampler": st.sampled_from(["ddim", "euler", "heun", "dpmpp-2m", "dpmpp-2m-sde", "dpm", ""]),
     "--respacing": st.sampled_from(["ddim2", "ddim0", "3", "2,1", "0", "abc", "", "1000000", "ddim", "1,0"]),
     "--guidance": st.sampled_from(["0", "1", "3", "-2", "1e300", "nan", "inf", "abc"]),
-    "--guidance-interval": st.sampled_from(["0.1,0.7", "0,1", "0.5,0.5", "0.9,0.1", "a,b", "1", "nan,1", ""]),
+    "--guidance-interval": st.sampled_from(["0.1,0.7", "0,1", "0.5,inf", "0.9,0.1", "a,b", "1", "nan,1", "-1,2", ""]),
+    "--guidance-interval-t": st.sampled_from(["0.1,0.7", "0,1", "0.9,0.1", "0.5,inf", "nan,1", ""]),
     "--eta": st.sampled_from(["0", "1", "1e300", "-1", "nan"]),
     "--variance": st.sampled_from(["small", "large", "learned", "auto", "x"]),
     "--spacing": st.sampled_from(["leading", "trailing", "linspace", "karras", "x"]),

@@ -67,6 +67,7 @@ def test_shipped_recipes_pass_validation(recipe):
     ("sample.guidance=.inf", "sample.guidance: must be a finite number, got inf"),
     ("sample.steps=0", "sample.steps: must be an integer >= 1, got 0"),
     ("sample.guidance_interval=[0.8,0.2]", "sample.guidance_interval: must be [lo, hi] with 0 <= lo <= hi <= 1"),
+    ("sample.guidance_interval_sigma=[5,0.5]", "sample.guidance_interval_sigma: must be [lo, hi] with 0 <= lo <= hi"),
     ("diffusion.beta_start=0.5", "diffusion.beta_start: must be <= diffusion.beta_end (0.02), got 0.5"),
     ("diffusion.beta_end=1", "diffusion.beta_end: must be a number in (0, 1), got 1"),
     ("autoencoder.ch_mult=[]", "autoencoder.ch_mult: must be a non-empty list of integers >= 1"),

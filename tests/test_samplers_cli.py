@@ -28,6 +28,27 @@ def test_sample_options_and_trajectory(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_guidance_interval_options_in_sigma_and_in_t(tiny_run, tmp_path):
+    """--guidance-interval is in sigma (0,inf: every step guided, the images of no interval), --guidance-interval-t
+    the older t / T (0,1: the same); a narrow sigma interval changes the images; both at once is refused."""
+    import numpy as np
+
+    def draw(*options: str) -> np.ndarray:
+        out = tmp_path / f"s{len(list(tmp_path.iterdir()))}.npz"
+        run_cli("sample", str(tiny_run), "--n", "4", "--steps", "4", "--quiet", "--format", "npz", "--out", str(out),
+                *options)
+        return np.load(out)["arr_0"]
+
+    plain = draw()
+    assert np.array_equal(draw("--guidance-interval", "0,inf"), plain)
+    assert np.array_equal(draw("--guidance-interval-t", "0,1"), plain)
+    assert not np.array_equal(draw("--guidance-interval", "1,inf"), plain)
+    bad = run_cli("sample", str(tiny_run), "--guidance-interval", "1,inf", "--guidance-interval-t", "0.2,0.6",
+                  check=False)
+    assert bad.returncode == 2 and "difftrain: error: sample.guidance_interval_sigma: set together" in bad.stderr
+
+
+@pytest.mark.slow
 def test_eval_nll_reports_bits_per_dim(tiny_run, tmp_path):
     out = tmp_path / "nll.json"
     proc = run_cli("eval", "--nll", str(tiny_run), "--n", "4", "--quiet", "--json", str(out))

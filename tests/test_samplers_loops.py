@@ -119,11 +119,12 @@ def test_ddpm_respacing_and_karras_are_batch_size_invariant(model):
 
 @torch.no_grad()
 def test_guidance_interval(model):
-    """Outside [lo, hi] (as t / T) one plain conditional forward; inside, the batched guided one."""
+    """The older interval in the model's time (sample.guidance_interval): outside [lo, hi] (as t / T) one plain
+    conditional forward; inside, the batched guided one. Intervals in sigma: tests/test_sampling_plan.py."""
     x = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(0))
     y = torch.tensor([0, 1, 2, 0])
     counting = Counting(model)
-    fn = guided(counting, y, 3.0, NUM_CLASSES, interval=(0.2, 0.6), timesteps=1000)
+    fn = guided(counting, y, 3.0, NUM_CLASSES, interval_t=(0.2, 0.6), timesteps=1000)
     t_out, t_in = torch.full((4,), 900), torch.full((4,), 400)
     assert torch.equal(fn(x, t_out), model(x, t_out, y)) and counting.batches == [4]
     full = guided(model, y, 3.0, NUM_CLASSES)

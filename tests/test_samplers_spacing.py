@@ -95,6 +95,13 @@ def test_sampler_timesteps_respacing_overrides_steps_and_karras_is_fractional():
         assert s.t_at(s.sigma_at(t)) == pytest.approx(t, abs=1e-9)
 
 
+@pytest.mark.parametrize("bad", ["ddim", "ddimx", "ddim-5"])
+def test_a_ddim_respacing_without_a_count_is_a_config_error(bad):
+    """`--respacing ddim` raised a bare ValueError (a traceback from the CLI); it is a ConfigError that says the forms."""
+    with pytest.raises(ConfigError, match=f"respacing '{bad}': use a count"):
+        space_timesteps(1000, bad)
+
+
 def test_one_table_with_specs_and_nfe():
     assert SAMPLERS.names() == sampler_names() == ["ddim", "ddpm", "dpmpp-2m", "dpmpp-2m-sde", "euler", "heun"]
     flow, vp = build_process(DiffusionConfig(process="flow")), build_process(DiffusionConfig(process="ddpm"))

@@ -18,6 +18,8 @@ from difftrain.config_checks import (
     NONNEGATIVE_OPTION,
     NUMBER_OPTION,
     SEED_OPTION,
+    SIGMA_INTERVAL_OPTION,
+    T_INTERVAL_OPTION,
     option,
 )
 from difftrain.safe_yaml import load_yaml
@@ -108,7 +110,7 @@ def run_torchrun(nproc: int, args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from difftrain.generation import OUTPUT_FORMATS, cycled_labels, generate, load_run, write_samples, write_trajectory
+    from difftrain.generation import OUTPUT_FORMATS, cycled_labels, load_run, write_samples, write_trajectory
 
     if args.format not in OUTPUT_FORMATS:
         raise ConfigError(f"unknown --format '{args.format}'; choose from {', '.join(OUTPUT_FORMATS)}")
@@ -119,15 +121,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
     for key in ("spacing", "respacing", "variance", "clip_x0"):
         if getattr(args, key) is not None:
             setattr(cfg.sample, key, getattr(args, key))
-    if args.guidance_interval is not None:
-        cfg.sample.guidance_interval = parse_interval(args.guidance_interval)
+    if args.guidance_interval is not None:  # in sigma; it replaces a run's older t / T interval
+        cfg.sample.guidance_interval_sigma, cfg.sample.guidance_interval = args.guidance_interval, [0.0, 1.0]
+    if args.guidance_interval_t is not None:
+        cfg.sample.guidance_interval = args.guidance_interval_t
     num_classes = cfg.model.num_classes or 0
     classes = parse_classes(args.classes, num_classes) if (num_classes and args.classes) else None
     labels = cycled_labels(args.n, num_classes, classes)
     frames: list | None = [] if args.trajectory else None
-    images = generate(run.model, cfg, args.n, labels=labels, seed=args.seed, sampler=args.sampler, steps=args.steps,
-                      guidance=args.guidance, eta=args.eta, batch_size=args.batch_size, progress=not args.quiet,
-                      trajectory=frames)
+    plan = run.plan(sampler=args.sampler, steps=args.steps, guidance=args.guidance, eta=args.eta,
+                    batch_size=args.batch_size)
+    images = plan.sample(run.model, args.n, labels=labels, seed=args.seed, progress=not args.quiet, trajectory=frames)
     default_out = {"grid": "samples.png", "npz": "samples.npz", "png-dir": "samples"}[args.format]
     out = write_samples(images, labels, Path(args.out or default_out), args.format, run.class_names)
     print(f"wrote {len(images)} samples ({args.format}) from {run.source} (step {run.step}) to {out}")
@@ -138,17 +142,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
         kept = min(args.trajectory_frames, len(frames))
         print(f"wrote the denoising trajectory ({fmt}, {kept} of {len(frames)} frames) to {path}")
     return 0
-
-
-def parse_interval(text: str) -> list[float]:
-    """`0.2,0.8` -> [0.2, 0.8]: the guidance interval as fractions t / T."""
-    try:
-        lo, hi = (float(v) for v in text.split(","))
-    except ValueError:
-        raise ConfigError(f"--guidance-interval '{text}': use lo,hi with 0 <= lo <= hi <= 1, e.g. 0.1,0.7") from None
-    if not 0 <= lo <= hi <= 1:
-        raise ConfigError(f"--guidance-interval '{text}': need 0 <= lo <= hi <= 1")
-    return [lo, hi]
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -194,15 +187,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         images, labels = load_npz(args.samples)
         source = f"{args.samples} ({len(images)} samples)"
     else:
-        from difftrain.generation import cycled_labels, generate
+        from difftrain.generation import cycled_labels
 
         labels = cycled_labels(args.n, run.cfg.model.num_classes or 0)
-        images = generate(run.model, run.cfg, args.n, labels=labels, seed=args.seed, sampler=args.sampler,
-                          steps=args.steps, guidance=args.guidance, batch_size=args.batch_size, progress=not args.quiet)
-        sc = run.cfg.sample
+        plan = run.plan(sampler=args.sampler, steps=args.steps, guidance=args.guidance, batch_size=args.batch_size)
+        images = plan.sample(run.model, args.n, labels=labels, seed=args.seed, progress=not args.quiet)
         source = (f"{run.source} (step {run.step}, {args.ema} weights): {args.n} samples, seed {args.seed}, "
-                  f"{args.sampler or sc.sampler} {args.steps or sc.steps} steps, "
-                  f"guidance {sc.guidance if args.guidance is None else args.guidance}")
+                  f"{plan.spec.name} {plan.steps} steps, guidance {plan.guidance.scale:g}")
     metric = args.metric or default_metric(data)
     result = evaluate_samples(images, labels, metric, data=data, cache=args.cache_dir,
                               inception_weights=args.inception_weights, device=str(resolve_device(args.device)),
@@ -330,8 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--respacing", default=None, help='guided-diffusion timestep_respacing: "250", "ddim50", "10,15,20"')
     s.add_argument("--guidance", type=NUMBER_OPTION, default=None,
                    help="classifier-free guidance scale (1 = none, 0 = unconditional)")
-    s.add_argument("--guidance-interval", default=None, metavar="LO,HI",
-                   help="guide only where LO <= t/T <= HI (e.g. 0.1,0.7); elsewhere the conditional model")
+    s.add_argument("--guidance-interval", type=SIGMA_INTERVAL_OPTION, default=None, metavar="SIGMA_LO,SIGMA_HI",
+                   help="guide only where SIGMA_LO < sigma <= SIGMA_HI, the sampler's noise level (e.g. 0.28,5.42; "
+                        "HI may be inf); elsewhere the conditional model")
+    s.add_argument("--guidance-interval-t", type=T_INTERVAL_OPTION, default=None, metavar="LO,HI",
+                   help="the older interval in the model's time: guide only where LO <= t/T <= HI")
     s.add_argument("--eta", type=NONNEGATIVE_OPTION, default=None, help="DDIM eta (0 deterministic)")
     s.add_argument("--variance", choices=["auto", "small", "large", "learned"], default=None, help="ddpm variance")
     s.add_argument("--spacing", choices=SPACING_NAMES, default=None, help="karras: Karras et al. 2022 sigmas")

@@ -186,7 +186,10 @@ class SampleConfig:
     respacing: str = ""  # guided-diffusion's timestep_respacing ("250", "ddim50", "10,15,20"); overrides steps/spacing
     variance: str = "auto"  # ddpm: small | large | learned; auto = learned with diffusion.learn_sigma, else small
     guidance: float = 3.0  # classifier-free guidance scale; 1 = conditional only, 0 = unconditional
-    guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # guide only for t / T in [lo, hi]
+    # guide only where lo < sigma <= hi, the sampler's noise level (Kynkaanniemi et al. 2024, EDM2); null: everywhere
+    guidance_interval_sigma: list[float] | None = None
+    # the older form, in the model's time: guide only for t / T in [lo, hi] (kept, so old runs mean what they meant)
+    guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
     eta: float = 0.0
     clip_x0: bool = True
     batch_size: int = 250

@@ -122,6 +122,16 @@ def _interval(v: Any) -> bool:
     return isinstance(v, list) and len(v) == 2 and all(_real(x) for x in v) and 0 <= v[0] <= v[1] <= 1
 
 
+def _sigma_interval(v: Any) -> bool:
+    return v is None or (isinstance(v, list) and len(v) == 2 and _real(v[0]) and isinstance(v[1], (int, float))
+                         and not isinstance(v[1], bool) and 0 <= v[0] <= v[1])  # hi may be inf (nan fails <=)
+
+
+# The guidance intervals' one home: the config rules, the CLI options and the sampling plan check these.
+T_INTERVAL: Rule = (_interval, "[lo, hi] with 0 <= lo <= hi <= 1 (fractions t / T of the model's time)")
+SIGMA_INTERVAL: Rule = (_sigma_interval, "[lo, hi] with 0 <= lo <= hi (noise levels sigma; hi may be inf), or null")
+
+
 def _rates(v: Any) -> bool:
     return isinstance(v, list) and bool(v) and all(UNIT[0](x) for x in v) and len(set(v)) == len(v)
 
@@ -247,7 +257,8 @@ RULES: dict[str, Rule] = {
     # sample
     "sample.steps": COUNT,
     "sample.guidance": number(),
-    "sample.guidance_interval": (_interval, "[lo, hi] with 0 <= lo <= hi <= 1"),
+    "sample.guidance_interval": T_INTERVAL,
+    "sample.guidance_interval_sigma": SIGMA_INTERVAL,
     "sample.eta": number(0),
     "sample.batch_size": COUNT,
     # autoencoder
@@ -316,7 +327,26 @@ def problems(cfg: Any) -> list[str]:
         lines.append(f"diffusion.beta_start: must be <= diffusion.beta_end ({_show(d.beta_end)}), got {_show(d.beta_start)}")
     if _real(d.sigma_min) and _real(d.sigma_max) and d.sigma_min >= d.sigma_max:
         lines.append(f"diffusion.sigma_min: must be < diffusion.sigma_max ({_show(d.sigma_max)}), got {_show(d.sigma_min)}")
+    clash = interval_clash(cfg.sample.guidance_interval_sigma, cfg.sample.guidance_interval)
+    if clash:
+        lines.append(clash)
     return lines
+
+
+def interval_clash(sigma_interval: Any, t_interval: Any) -> str:
+    """The problem when both guidance intervals are set (sigma and the older t / T), else ''."""
+    if sigma_interval is not None and t_interval != [0, 1]:
+        return (f"sample.guidance_interval_sigma: set together with sample.guidance_interval {_show(t_interval)} "
+                f"(t / T); give one of them")
+    return ""
+
+
+def check_value(key: str, value: Any) -> Any:
+    """`value`, or a ConfigError `key: must be ..., got VALUE` by RULES[key] (a value set after the config was built)."""
+    test, text = RULES[key]
+    if not test(value):
+        raise ConfigError(f"{key}: must be {text}, got {_show(value)}")
+    return value
 
 
 def validate(cfg: Any) -> Any:
@@ -356,4 +386,14 @@ EMOJI_SIZES = (32, 64, 128)  # the 136 x 128 colour bitmaps, padded square, down
 EMOJI_SIZE_OPTION = option(int, (lambda v: v in EMOJI_SIZES, "one of " + ", ".join(map(str, EMOJI_SIZES))))
 NUMBER_OPTION = option(float, number())  # --guidance: any finite number
 NONNEGATIVE_OPTION = option(float, number(0))  # --eta
+
+
+def _pair(text: str) -> list[float]:
+    """`0.2,0.8` -> [0.2, 0.8] (`inf` reads as infinity)."""
+    lo, hi = text.split(",")
+    return [float(lo), float(hi)]
+
+
+SIGMA_INTERVAL_OPTION = option(_pair, SIGMA_INTERVAL)  # --guidance-interval SIGMA_LO,SIGMA_HI
+T_INTERVAL_OPTION = option(_pair, T_INTERVAL)  # --guidance-interval-t LO,HI
 

@@ -9,14 +9,12 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from difftrain.checkpoint import (
     atomic_write,
@@ -29,12 +27,9 @@ from difftrain.checkpoint import (
 )
 from difftrain.config import Config, ConfigError, config_from_dict
 from difftrain.data.images import to_pil, to_pil_images
-from difftrain.data.memory import to_uint8
-from difftrain.latent import decoder_for
 from difftrain.models import build_model
-from difftrain.processes import build_process
 from difftrain.runtime import resolve_device  # re-exported: training/ imports it from here
-from difftrain.samplers import PerSampleNoise, guided, sample, sampler_steps
+from difftrain.sampling import SamplingPlan
 
 OUTPUT_FORMATS = ("grid", "npz", "png-dir")
 
@@ -46,6 +41,10 @@ class LoadedRun:
     step: int
     class_names: list[str]
     source: Path
+
+    def plan(self, **overrides) -> SamplingPlan:
+        """The run's sampling plan on its model's device; `overrides` as `SamplingPlan.from_config` takes them."""
+        return SamplingPlan.from_config(self.cfg, device=next(self.model.parameters()).device, **overrides)
 
 
 def load_run(path: str | Path, *, weights: str = "ema", device: str | torch.device = "cpu") -> LoadedRun:
@@ -85,76 +84,20 @@ def cycled_labels(n: int, num_classes: int, classes: list[int] | None = None) ->
     return torch.tensor([classes[i % len(classes)] for i in range(n)], dtype=torch.long)
 
 
-@torch.no_grad()
 def generate(model: nn.Module, cfg: Config, n: int, *, labels: Tensor | None = None, seed: int = 0,
              sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
              eta: float | None = None, batch_size: int | None = None, progress: bool = False,
              trajectory: list[Tensor] | None = None) -> Tensor:
     """n samples as uint8 (n, C, H, W); sample i depends only on (seed, i, label i), not on batching.
 
-    Other sampling options (spacing, respacing, variance, guidance interval, clipping) come from
-    `cfg.sample`. `trajectory`: a list that receives the model's input x_t (n, C, H, W, uint8) at
-    every model call, the denoising trajectory, then the samples themselves.
+    The one-call form of `SamplingPlan.from_config(cfg, ...).sample(model, n, ...)` (difftrain.sampling), on the
+    model's device: other sampling options (spacing, respacing, variance, guidance interval, clipping) come from
+    `cfg.sample`. `trajectory`: a list that receives the model's input x_t (n, C, H, W, uint8) at every model
+    call, the denoising trajectory, then the samples themselves. Sampling many times: build the plan once.
     """
-    sc = cfg.sample
-    sampler, steps = sampler or sc.sampler, steps or sc.steps
-    guidance = sc.guidance if guidance is None else guidance
-    interval = tuple(sc.guidance_interval)
-    if len(interval) != 2 or not 0 <= interval[0] <= interval[1] <= 1:
-        raise ConfigError(f"sample.guidance_interval must be [lo, hi] with 0 <= lo <= hi <= 1, got {list(interval)}")
-    eta = sc.eta if eta is None else eta
-    batch_size = batch_size or sc.batch_size
-    process = build_process(cfg.diffusion)
-    device = next(model.parameters()).device
-    decode = decoder_for(cfg, device)  # latent diffusion: latents -> images through the first stage; else None
-    shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
-    num_classes = cfg.model.num_classes or 0
-    if labels is not None and num_classes and int(labels.max()) >= num_classes:
-        raise ConfigError(f"class {int(labels.max())} out of range: the model has {num_classes} classes")
-
-    per_batch = sampler_steps(process, sampler, steps, sc.spacing, sc.respacing)
-    n_batches = -(-n // batch_size)
-    # Off a terminal (CI, log files) refresh rarely instead of flooding the log.
-    bar = tqdm(total=per_batch * n_batches, disable=not progress, unit="step", leave=False,
-               mininterval=0.1 if sys.stderr.isatty() else 30,
-               desc=f"{sampler} {per_batch} steps x {n_batches} batch{'es' if n_batches > 1 else ''}")
-    out, frames = [], []
-    for start in range(0, n, batch_size):
-        idx = range(start, min(start + batch_size, n))
-        noise = PerSampleNoise(seed, idx)
-        x = noise.randn_like(torch.empty(len(idx), *shape)).to(device)
-        y = labels[start : start + len(idx)].to(device) if (labels is not None and num_classes) else None
-        model_fn = guided(model, y, guidance, num_classes if num_classes else None, interval=interval,
-                          timesteps=cfg.diffusion.timesteps,
-                          guided_channels=cfg.model.in_channels if cfg.diffusion.learn_sigma else None)
-        if trajectory is not None:
-            model_fn = _recording(model_fn, batch_frames := [], cfg, decode)
-            frames.append(batch_frames)
-        x = sample(process, sampler, model_fn, x, steps=steps, spacing=sc.spacing, respacing=sc.respacing,
-                   clip_x0=sc.clip_x0, noise=noise.randn_like, progress=bar.update, eta=eta, variance=sc.variance)
-        out.append(to_uint8(_to_data_range(x, cfg) if decode is None else decode(x)).cpu())
-    bar.close()
-    images = torch.cat(out)
-    if trajectory is not None:
-        trajectory.extend(torch.cat(step) for step in zip(*frames))
-        trajectory.append(images)
-    return images
-
-
-def _to_data_range(x: Tensor, cfg: Config) -> Tensor:
-    if cfg.data.normalize != "none":  # back from unit variance to [-1, 1] (see data.normalize)
-        return x * cfg.data.std + cfg.data.mean
-    return x
-
-
-def _recording(model_fn, frames: list[Tensor], cfg: Config, decode=None):
-    """model_fn that also keeps its input x_t as uint8 images (decoded from latents with `decode`)."""
-
-    def fn(x: Tensor, t: Tensor) -> Tensor:
-        frames.append(to_uint8(_to_data_range(x, cfg) if decode is None else decode(x)).cpu())
-        return model_fn(x, t)
-
-    return fn
+    plan = SamplingPlan.from_config(cfg, device=next(model.parameters()).device, sampler=sampler, steps=steps,
+                                    guidance=guidance, eta=eta, batch_size=batch_size)
+    return plan.sample(model, n, labels=labels, seed=seed, progress=progress, trajectory=trajectory)
 
 
 # --- writing samples ------------------------------------------------------------------

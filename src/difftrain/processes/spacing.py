@@ -51,7 +51,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | list[int]) -> set[
     the next 100 and 20 of the last 100, each section strided evenly (ends included).
     """
     if isinstance(section_counts, str):
-        if section_counts.startswith("ddim"):
+        if section_counts.startswith("ddim") and section_counts[len("ddim"):].isdigit():  # "ddim" alone: an error below
             desired = int(section_counts[len("ddim"):])
             for i in range(1, num_timesteps):
                 if len(range(0, num_timesteps, i)) == desired:

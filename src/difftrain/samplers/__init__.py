@@ -16,6 +16,7 @@ from torch import Tensor
 from difftrain.config import ConfigError
 from difftrain.processes import (
     SPACINGS,
+    Denoiser,
     Process,
     karras_timesteps,
     respaced_timesteps,
@@ -25,7 +26,7 @@ from difftrain.processes import (
 )
 from difftrain.samplers.ancestral import VARIANCES, sample_ddim, sample_ddpm
 from difftrain.samplers.dpmpp import sample_dpmpp_2m, sample_dpmpp_2m_sde
-from difftrain.samplers.guidance import guided
+from difftrain.samplers.guidance import guided, guided_denoiser, in_interval
 from difftrain.samplers.noise import PerSampleNoise, sample_seed
 from difftrain.samplers.ode import sample_euler, sample_heun, to_d
 from difftrain.samplers.spec import SAMPLERS, SamplerSpec, register
@@ -54,8 +55,7 @@ def model_calls(name: str, steps: int) -> int:
 def sampling_sigmas(process: Process, name: str, steps: int, spacing: str = "trailing", respacing: str = "") -> list[float]:
     """The sigmas `sample` walks: the process's grid of `steps` (every timestep for a sampler whose
     spec says so, e.g. `ddpm`), or `respacing`'s, ending at 0."""
-    spec = sampler_spec(process, name)
-    return process.sampling_sigmas(None if spec.every_timestep else steps, spacing, respacing)
+    return sampler_spec(process, name).sigmas(process, steps, spacing, respacing)
 
 
 def sampler_steps(process: Process, name: str, steps: int, spacing: str = "trailing", respacing: str = "") -> int:
@@ -72,16 +72,26 @@ def sample(process: Process, name: str, model_fn: Callable[[Tensor, Tensor], Ten
     `options` (eta, variance, s_churn, ...) reach the sampler when its spec takes them on this process.
     """
     spec = sampler_spec(process, name)
-    sigmas = sampling_sigmas(process, name, steps, spacing, respacing)
+    sigmas = spec.sigmas(process, steps, spacing, respacing)
+    return run_sampler(spec, process, process.k_denoiser(model_fn, clip_x0), x, sigmas, noise=noise,
+                       progress=progress, options=spec.options_for(process, options))
+
+
+def run_sampler(spec: SamplerSpec, process: Process, denoiser: Denoiser, x: Tensor, sigmas: list[float], *,
+                noise: Callable[[Tensor], Tensor] | None = None, progress: Callable | None = None,
+                options: dict | None = None) -> Tensor:
+    """The sampler of `spec` over `sigmas` (descending to 0) from unit Gaussian noise `x`, with `denoiser`;
+    `options` are those `spec.options_for(process, ...)` kept. `sample` and a sampling plan (which computes
+    the spec, the sigmas and the options once) both end here."""
     kwargs = {"noise": noise} if noise is not None else {}
-    kwargs.update(spec.options_for(process, options))
-    return spec.fn(process.k_denoiser(model_fn, clip_x0), process.initial_state(x, sigmas[0]), sigmas,
-                   progress=progress, **kwargs)
+    kwargs.update(options or {})
+    return spec.fn(denoiser, process.initial_state(x, sigmas[0]), sigmas, progress=progress, **kwargs)
 
 
 __all__ = [
-    "SAMPLERS", "SPACINGS", "VARIANCES", "PerSampleNoise", "SamplerSpec", "guided", "karras_timesteps", "model_calls",
-    "register", "respaced_timesteps", "sample", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m",
+    "SAMPLERS", "SPACINGS", "VARIANCES", "PerSampleNoise", "SamplerSpec", "guided", "guided_denoiser", "in_interval",
+    "karras_timesteps", "model_calls", "register", "respaced_timesteps", "run_sampler", "sample", "sample_ddim",
+    "sample_ddpm", "sample_dpmpp_2m",
     "sample_dpmpp_2m_sde", "sample_euler", "sample_heun", "sample_seed", "sampler_names", "sampler_spec",
     "sampler_steps", "sampler_timesteps", "sampling_sigmas", "space_timesteps", "spaced_timesteps", "to_d",
 ]

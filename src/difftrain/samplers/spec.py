@@ -29,6 +29,11 @@ class SamplerSpec:
         """Model evaluations (NFE) of `steps` steps."""
         return self.calls_per_step * steps - (self.calls_per_step - 1)
 
+    def sigmas(self, process: Process, steps: int | None, spacing: str = "trailing", respacing: str = "") -> list[float]:
+        """The sigmas this sampler walks on `process`: its grid of `steps` (every timestep when the spec says so),
+        or `respacing`'s, ending at 0."""
+        return process.sampling_sigmas(None if self.every_timestep else steps, spacing, respacing)
+
     def applies_to(self, process: Process) -> bool:
         return not self.refusal(process)
 

@@ -90,6 +90,7 @@ class Evaluator:
         self.last_step = -1  # the step evaluated last: a run that ends at an eval step is scored once
         self.cut_short: int | None = None  # the step whose evaluation a stop signal cut short
         self.stop: StopSignals | None = None  # the run's stop signals, during evaluate()
+        self.plan = None  # the sampling plan, built at the first evaluation (rank 0), then reused
         if self.every:
             self.check()
 
@@ -176,15 +177,19 @@ class Evaluator:
 
     def draw(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """train.eval_samples uint8 samples of the default EMA and their labels (None: unconditional)."""
-        from difftrain.generation import cycled_labels, generate
+        from difftrain.generation import cycled_labels
+        from difftrain.sampling import SamplingPlan
 
         k = self.cfg.model.num_classes or 0
         labels = cycled_labels(self.n, k) if k else None
+        model = self.task.emas[0].model
+        if self.plan is None:
+            self.plan = SamplingPlan.from_config(self.cfg, device=next(model.parameters()).device,
+                                                 sampler=self.sampler, steps=self.steps)
         # A stop signal cuts the sampling (nearly all of an evaluation's time) short with Stopped; the scoring and
         # the reference data (whose caches are written as they are computed) are never interrupted midway.
         with self.stop.interruptible() if self.stop is not None else contextlib.nullcontext():
-            images = generate(self.task.emas[0].model, self.cfg, self.n, labels=labels, seed=self.cfg.train.seed,
-                              sampler=self.sampler, steps=self.steps)
+            images = self.plan.sample(model, self.n, labels=labels, seed=self.cfg.train.seed)
         return images, labels
 
     def check_stop(self) -> None:

@@ -21,11 +21,12 @@ from difftrain.checkpoint import load_model_state
 from difftrain.config import Config, ConfigError
 from difftrain.data import Splits, load_data
 from difftrain.data.memory import to_model_range
-from difftrain.generation import cycled_labels, generate, write_grid
+from difftrain.generation import cycled_labels, write_grid
 from difftrain.interop import init_weights
 from difftrain.models import build_model
 from difftrain.processes import build_process
 from difftrain.samplers import sampler_steps
+from difftrain.sampling import SamplingPlan
 from difftrain.training import distributed
 from difftrain.training.distributed import World
 from difftrain.training.ema import EMA, ema_state, load_ema_state
@@ -76,6 +77,7 @@ class DiffusionTask:
             sampler_steps(self.process, s.sampler, s.steps, s.spacing, s.respacing)
         except ConfigError as e:
             raise ConfigError(f"sample.sampler / sample.steps: {e}") from None
+        self.grid_plan: SamplingPlan | None = None  # built at the first grid (rank 0), then reused
         self.timesteps = build_timestep_sampler(t.timestep_sampler, self.process, device)
         self.model = build_model(cfg.model).to(device)
         if not resuming:  # model.init_from: a run's, safetensors or diffusers weights (a resume loads its own)
@@ -243,7 +245,9 @@ class DiffusionTask:
         rows = min(num_classes, 26) if num_classes else 8
         cols = 10 if 0 < num_classes <= 10 else (5 if num_classes else 8)
         labels = cycled_labels(rows * cols, num_classes, list(range(rows)))
-        images = generate(model, self.cfg, rows * cols, labels=labels, seed=self.cfg.train.seed)
+        if self.grid_plan is None:
+            self.grid_plan = SamplingPlan.from_config(self.cfg, device=next(model.parameters()).device)
+        images = self.grid_plan.sample(model, rows * cols, labels=labels, seed=self.cfg.train.seed)
         write_grid(images, labels, path)
         if log is not None:
             from torchvision.utils import make_grid
