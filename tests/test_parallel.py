@@ -1,5 +1,5 @@
 """The seams every task trains through: training/parallel.py (wrapping, clipping, full state dicts) and
-training/optim.py (AdamW, loss scaler, clipping, EMAs).
+training/optim.py (AdamW, loss scaler, clipping, EMAs), and the engine's task hooks (evaluator, phema).
 
 DDP itself (2 gloo processes: no_sync in micro-batches, averaged gradients) is tests/test_distributed.py.
 """
@@ -12,10 +12,13 @@ from torch import nn
 
 from difftrain.checkpoint import CheckpointError
 from difftrain.config import load_config
+from difftrain.training import Engine
 from difftrain.training.distributed import World
 from difftrain.training.ema import EMA
 from difftrain.training.optim import Stepper
 from difftrain.training.parallel import Parallel
+from difftrain.training.tasks import DiffusionTask
+from tests.conftest import TINY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
@@ -139,3 +142,39 @@ def test_fp16_stepper_scales_the_loss_and_unscales_before_clipping():
     stepper.backward(model(torch.ones(1, 1)).sum())  # d/dw (w x) = 1, times the scale
     assert model.weight.grad.item() == 2.0**16
     assert stepper.clip().item() == 1.0  # the norm of the unscaled gradient
+
+
+def test_engine_takes_evaluation_and_posthoc_ema_from_the_task(tmp_path, monkeypatch):
+    """The engine asks the task for its evaluator and post-hoc EMA and calls what it gets."""
+    calls = []
+
+    class Recorder:
+        cut_short = None
+
+        class best:  # noqa: N801 (the Evaluator's attribute)
+            @staticmethod
+            def reconcile():
+                calls.append("reconcile")
+
+        def due(self, step):
+            return step % 2 == 0
+
+        def evaluate(self, step, log, state, stop=None):
+            calls.append(step)
+            return {}
+
+    monkeypatch.setattr(DiffusionTask, "evaluator", lambda self, run_dir: Recorder())
+    engine = Engine(load_config("digits", [f"run_dir={tmp_path}", *TINY, "train.steps=3", "train.sample_every=0",
+                                           "train.posthoc_ema=[0.1]"]))
+    assert engine.phema is not None and engine.phema.emas[0].sigma_rel == 0.1
+    engine.run()
+    assert calls == ["reconcile", 2, 3]  # at the start, every second step, then at the end
+    monkeypatch.setattr(DiffusionTask, "phema", lambda self: None)
+    assert Engine(load_config("digits", [f"run_dir={tmp_path / 'b'}", *TINY, "train.posthoc_ema=[0.1]"])).phema is None
+
+
+def test_diffusion_task_has_no_evaluator_without_eval_every(tmp_path):
+    task = Engine(load_config("digits", [f"run_dir={tmp_path}", *TINY])).task
+    assert task.evaluator(tmp_path) is None and task.phema() is None
+    engine = Engine(load_config("digits", [f"run_dir={tmp_path}", *TINY, "train.eval_every=4"]))
+    assert engine.evaluator.every == 4 and engine.evaluator.model is engine.task.emas[0].model  # samples the default EMA

@@ -37,6 +37,7 @@ from difftrain.training.metrics import MeanWindow, MetricsLog
 from difftrain.training.optim import Stepper, adamw, set_lr
 from difftrain.training.options import PRECISIONS
 from difftrain.training.parallel import Parallel
+from difftrain.training.phema import PosthocEMA, posthoc_ema
 from difftrain.training.schedules import base_lr
 from difftrain.training.tasks.base import VAL_MAX_IMAGES, StepResult, autocast
 
@@ -192,6 +193,19 @@ class AutoencoderTask:
         if self.disc is not None and "disc" in state:
             load_model_state(self.disc, state["disc"], source)
             self.disc_opt.load_state_dict(state["disc_optimizer"])
+
+    # --- hooks the engine calls: evaluation and post-hoc EMA ---------------------------------
+    def evaluator(self, run_dir: Path) -> None:
+        """No sample-quality evaluation: an autoencoder is scored by its validation (val_psnr; val_rfid at the end)."""
+        if self.cfg.train.eval_every:
+            raise ConfigError(f"train.eval_every scores samples of a diffusion model; an autoencoder run "
+                              f"(autoencoder.kind={self.cfg.autoencoder.kind}) is scored by its validation "
+                              f"(train.val_every: val_psnr); set train.eval_every=0")
+        return None
+
+    def phema(self) -> PosthocEMA | None:
+        """The power EMAs of train.posthoc_ema over the autoencoder (None when empty)."""
+        return posthoc_ema(self.parallel.unwrap(), self.cfg.train, self.cfg.to_yaml())
 
     # --- validation and grids --------------------------------------------------------------
     def held_out(self) -> Tensor | None:

@@ -26,10 +26,12 @@ from difftrain.processes import build_process
 from difftrain.samplers import sampler_steps
 from difftrain.training import distributed
 from difftrain.training.distributed import World
+from difftrain.training.evaluate import Evaluator
 from difftrain.training.metrics import LossWindow, MetricsLog
 from difftrain.training.optim import Stepper
 from difftrain.training.options import PRECISIONS, resolve_config
 from difftrain.training.parallel import Parallel
+from difftrain.training.phema import PosthocEMA, posthoc_ema
 from difftrain.training.schedules import base_lr
 from difftrain.training.tasks.base import VAL_MAX_IMAGES, StepResult, autocast
 from difftrain.training.timesteps import build_timestep_sampler
@@ -182,6 +184,18 @@ class DiffusionTask:
         self.stepper.load_state_dict(state, source)
         if state.get("timestep_sampler", {}).get("name") == self.timesteps.name:
             self.timesteps.load_state_dict(state["timestep_sampler"])
+
+    # --- hooks the engine calls: evaluation and post-hoc EMA ---------------------------------
+    def evaluator(self, run_dir: Path) -> Evaluator | None:
+        """Sample quality of the default EMA every train.eval_every steps (None when 0); refuses an eval sampler
+        that does not fit the process now."""
+        if not self.cfg.train.eval_every:
+            return None
+        return Evaluator(self.cfg, self.ema.model, self.world, self.device, run_dir)
+
+    def phema(self) -> PosthocEMA | None:
+        """The power EMAs of train.posthoc_ema over the trained module (None when empty)."""
+        return posthoc_ema(self.parallel.unwrap(), self.cfg.train, self.cfg.to_yaml())
 
     # --- validation, grids, messages -----------------------------------------------------
     @torch.no_grad()
