@@ -129,7 +129,7 @@ def test_resume_with_another_world_size_warns_and_trains_on(whole, tmp_path):
         tr.run()
     state = last_checkpoint(tmp_path)
     assert tr.step == STEPS + 2 and state["world_size"] == 1 and "rng_ranks" not in state
-    assert tr.task.ddp is None and not torch.distributed.is_initialized()  # one process: no process group at all
+    assert tr.task.parallel.ddp is None and not torch.distributed.is_initialized()  # one process: no process group at all
 
 
 @pytest.mark.slow

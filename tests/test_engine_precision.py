@@ -37,7 +37,7 @@ def test_bf16_autocast_trains_on_the_cpu(tmp_path):
 
 def test_fp16_with_the_loss_scaler_trains_and_resumes_exactly_on_the_cpu(tmp_path):
     whole = cpu_trainer(tmp_path / "whole", "fp16", "train.steps=5")
-    assert whole.task.scaler.is_enabled() and whole.task.scaler._device == "cpu"
+    assert whole.task.stepper.scaler.is_enabled() and whole.task.stepper.scaler._device == "cpu"
     whole.run()
     first = cpu_trainer(tmp_path / "split", "fp16", "train.steps=5")
     stop_after(first, 3)
@@ -45,7 +45,7 @@ def test_fp16_with_the_loss_scaler_trains_and_resumes_exactly_on_the_cpu(tmp_pat
     second = cpu_trainer(tmp_path / "split", "fp16", "train.steps=5")
     saved = final_state(tmp_path / "split")["scaler"]
     second.resume()
-    assert second.task.scaler.state_dict() == saved and saved["_growth_tracker"] > 0  # restored exactly
+    assert second.task.stepper.scaler.state_dict() == saved and saved["_growth_tracker"] > 0  # restored exactly
     second.run()
     a, b = final_state(tmp_path / "whole"), final_state(tmp_path / "split")
     assert a["step"] == b["step"] == 5 and a["scaler"] == b["scaler"]
@@ -80,7 +80,7 @@ def test_loss_scaler_overflow_skips_the_step_without_counting_it(tmp_path):
     tr.step += 1
     tr.count_nonfinite(result)
     assert math.isfinite(result.loss) and not math.isfinite(result.grad_norm) and result.overflow
-    assert tr.task.scaler.get_scale() == 2.0**15 and tr.skipped == 0 and tr.task.ema.updates == 0
+    assert tr.task.stepper.scaler.get_scale() == 2.0**15 and tr.skipped == 0 and tr.task.ema.updates == 0
     assert all(torch.equal(before[k], v) for k, v in tr.task.model.state_dict().items())
     hook.remove()
     tr.run()  # trains on; the scaler state goes into the checkpoint
@@ -100,7 +100,7 @@ def test_mixed_precision_trains_checkpoints_and_resumes(tmp_path, precision):
     assert state["step"] == 6 and all(torch.isfinite(v).all() for v in state["model"].values())
     assert all(v.dtype == torch.float32 for v in state["model"].values())  # fp32 master weights
     if precision == "fp16":
-        assert state["scaler"]["scale"] > 0 and tr.task.scaler.is_enabled()
+        assert state["scaler"]["scale"] > 0 and tr.task.stepper.scaler.is_enabled()
     else:
         assert not state["scaler"]
     assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path) if "loss" in r)

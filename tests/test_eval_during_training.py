@@ -13,6 +13,7 @@ from difftrain.training.best import fingerprint
 from difftrain.training.distributed import World
 from difftrain.training.evaluate import Evaluator
 from difftrain.training.metrics import read_metrics
+from tests.test_autoencoder import TINY_RUN as TINY_AUTOENCODER
 from tests.test_engine_resume import SMALL, assert_tensors_equal, final_state, make_trainer, stop_after
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -113,9 +114,10 @@ def test_what_cannot_be_evaluated_is_refused_before_training(tmp_path):
     cfg = load_config("digits", [f"run_dir={tmp_path}", *SMALL, "train.eval_every=5", "train.eval_sampler=nope"])
     with pytest.raises(ConfigError, match="train.eval_sampler.*nope.*ddim"):
         Evaluator(cfg, None, World(), torch.device("cpu"), tmp_path)
-    cfg = load_config("digits", [f"run_dir={tmp_path}", "train.eval_every=5", "autoencoder.kind=vq"])
-    with pytest.raises(ConfigError, match="autoencoder run.*train.eval_every=0"):
-        Evaluator(cfg, None, World(), torch.device("cpu"), tmp_path)
+    cfg = load_config(None, [f"run_dir={tmp_path}", *TINY_AUTOENCODER, "train.eval_every=5"])
+    with pytest.raises(ConfigError, match="autoencoder run.*train.eval_every=0"):  # the autoencoder task's hook
+        Engine(cfg)
+    assert not (tmp_path / "checkpoints").exists()
     with pytest.raises(ConfigError, match="train.eval_samples"):
         load_config("digits", ["train.eval_samples=1"])
 

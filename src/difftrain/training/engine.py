@@ -4,7 +4,9 @@ The engine is the same for every task (training/tasks/): it owns the run directo
 checkpoints, stop signals, the process group under torchrun, logging (metrics.jsonl, TensorBoard,
 W&B, the progress bar, images/s), the periodic work (validation, grids, checkpoints, sample quality:
 training/evaluate.py) and the end of the run (safetensors exports, final grids, report.html, the printed
-summary). The task owns the models, optimizers and EMAs and takes one step at a time.
+summary). The task owns the models, optimizers and EMAs and takes one step at a time; it provides the
+evaluation (`task.evaluator(run_dir)`) and the post-hoc EMA (`task.phema()`), which the engine calls
+without knowing which task it runs.
 
 Run directory layout (see docs/architecture.md):
     config.yaml                   resolved config
@@ -48,10 +50,9 @@ from difftrain.report.run_info import write_run_info
 from difftrain.training import distributed
 from difftrain.training.budget import Budget
 from difftrain.training.ema import ema_label
-from difftrain.training.evaluate import Evaluator
 from difftrain.training.metrics import MetricsLog
 from difftrain.training.options import check_train_config, train_device
-from difftrain.training.phema import posthoc_ema, set_aside_later_snapshots
+from difftrain.training.phema import set_aside_later_snapshots
 from difftrain.training.rundir import (
     RunLock,
     check_config_change,
@@ -89,11 +90,12 @@ class Engine:
         seed_everything(cfg.train.seed)
         # resuming: the checkpoint's weights win, so model.init_from is not read (its file may have moved since)
         self.task = task_class(cfg, self.world, self.device, resuming=will_resume(cfg))
-        # train.posthoc_ema: power EMAs of task.model, on rank 0 (it alone writes their snapshots)
-        self.phema = posthoc_ema(self.task.model, cfg.train, cfg.to_yaml()) if self.world.main else None
+        # The task's hooks: train.posthoc_ema's power EMAs, on rank 0 (it alone writes their snapshots), and sample
+        # quality every train.eval_every steps; None where the task has none or the config asks for none.
+        self.phema = self.task.phema() if self.world.main else None
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.evaluator = Evaluator(cfg, self.task, self.world, self.device, self.run_dir)  # train.eval_every
+        self.evaluator = self.task.evaluator(self.run_dir)
         # Every rank reads the same global batch (batch_size x world size); the task trains on its own slice.
         self.stream = BatchStream(self.task.data.train, cfg.train.batch_size * self.world.size, seed=cfg.train.seed,
                                   random_flip=cfg.data.random_flip, device=self.device)
@@ -305,7 +307,8 @@ class Engine:
             self.phema.snapshot(self.run_dir, step)
         if stopping or (t.checkpoint_every and step % t.checkpoint_every == 0):
             self.save()
-        if self.evaluator.due(step):  # after the checkpoint: a stop that cuts it short loses only its scores
+        # sample quality after the checkpoint: a stop that cuts it short loses only its scores
+        if self.evaluator is not None and self.evaluator.due(step):
             self.evaluator.evaluate(step, log, self.state_dict, self.stop_signals)
 
     def unless_stopped(self, what: str, work):
@@ -329,7 +332,7 @@ class Engine:
         if world.main:
             for folder in (self.run_dir, self.run_dir / "samples"):  # left by writers killed mid-write
                 remove_stale_temp_files(folder)
-            if cfg.train.eval_every:  # a best.json out of step with best.pt is found now, not at the first score
+            if self.evaluator is not None:  # a best.json out of step with best.pt is found now, not at the first score
                 self.evaluator.best.reconcile()
             atomic_write(self.run_dir / "config.yaml", lambda f: f.write(cfg.to_yaml().encode()), what="config")
             write_run_info(self.run_dir, self.device, world.size)  # the machine, for the report page
@@ -366,7 +369,7 @@ class Engine:
             log.log(self.step, **self.task.validate(self.step))
         path = self.save()
         skipped = []
-        if self.cfg.train.eval_every:
+        if self.evaluator is not None:
             self.evaluator.evaluate(self.step, log, self.state_dict, self.stop_signals)
             if self.evaluator.cut_short == self.step:
                 skipped.append("the final evaluation")

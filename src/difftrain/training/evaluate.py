@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from difftrain.config import Config, ConfigError
 from difftrain.evaluation import EvaluationError
@@ -42,7 +43,6 @@ from difftrain.training.best import BEST_KEYS, BestCheckpoint
 from difftrain.training.distributed import World
 from difftrain.training.metrics import MetricsLog
 from difftrain.training.state import Stopped, StopSignals
-from difftrain.training.tasks import Task
 
 CLASSIFIER_KEYS = {"accuracy": "eval_accuracy", "classifier_test_accuracy": "eval_accuracy_test",
                    "frechet_distance": "eval_frechet_distance", "frechet_floor": "eval_frechet_floor",
@@ -76,12 +76,13 @@ def fidelity_problem() -> str | None:
 
 
 class Evaluator:
-    """Sample quality every train.eval_every steps and at the end (rank 0 scores; every rank takes part in
-    keeping the best checkpoint, whose state gathers every rank's RNG states)."""
+    """Sample quality of `model` (the default EMA, which training updates in place) every train.eval_every steps
+    and at the end (rank 0 scores; every rank takes part in keeping the best checkpoint, whose state gathers every
+    rank's RNG states). A task provides it (its `evaluator` hook); the engine only calls it."""
 
-    def __init__(self, cfg: Config, task: Task, world: World, device: torch.device, run_dir: Path):
+    def __init__(self, cfg: Config, model: nn.Module, world: World, device: torch.device, run_dir: Path):
         t = cfg.train
-        self.cfg, self.task, self.world, self.device = cfg, task, world, device
+        self.cfg, self.model, self.world, self.device = cfg, model, world, device
         self.every, self.n = t.eval_every, t.eval_samples
         self.sampler, self.steps = t.eval_sampler or cfg.sample.sampler, t.eval_steps or cfg.sample.steps
         self.ckpt_dir = Path(run_dir) / "checkpoints"
@@ -96,10 +97,6 @@ class Evaluator:
 
     def check(self) -> None:
         """Refuse what cannot be evaluated before training starts (an unknown sampler names the choices)."""
-        if self.cfg.autoencoder.kind != "none":
-            raise ConfigError(f"train.eval_every scores samples of a diffusion model; an autoencoder run "
-                              f"(autoencoder.kind={self.cfg.autoencoder.kind}) is scored by its validation "
-                              f"(train.val_every: val_psnr); set train.eval_every=0")
         from difftrain.processes import build_process
         from difftrain.samplers import sampler_steps
 
@@ -182,7 +179,7 @@ class Evaluator:
 
         k = self.cfg.model.num_classes or 0
         labels = cycled_labels(self.n, k) if k else None
-        model = self.task.emas[0].model
+        model = self.model
         if self.plan is None:
             self.plan = SamplingPlan.from_config(self.cfg, device=next(model.parameters()).device,
                                                  sampler=self.sampler, steps=self.steps)

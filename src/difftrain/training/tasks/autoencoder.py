@@ -33,9 +33,11 @@ from difftrain.models import build_autoencoder
 from difftrain.models.autoencoder import PatchDiscriminator
 from difftrain.training.autoencoder_losses import adaptive_weight, hinge_d_loss, load_lpips, psnr
 from difftrain.training.distributed import World
-from difftrain.training.ema import EMA, ema_state, load_ema_state
 from difftrain.training.metrics import MeanWindow, MetricsLog
+from difftrain.training.optim import Stepper, adamw, set_lr
 from difftrain.training.options import PRECISIONS
+from difftrain.training.parallel import Parallel
+from difftrain.training.phema import PosthocEMA, posthoc_ema
 from difftrain.training.schedules import base_lr
 from difftrain.training.tasks.base import VAL_MAX_IMAGES, StepResult, autocast
 
@@ -81,16 +83,14 @@ class AutoencoderTask:
             raise ConfigError(f"autoencoder.resolution={ae.resolution} but the images are {self.data.image_size} px; "
                               f"set data.image_size={ae.resolution} or leave autoencoder.resolution unset")
         self.model = build_autoencoder(ae, self.data.channels).to(device)
-        self.emas = [EMA(self.model, rate, t.ema_warmup, t.ema_start) for rate in t.ema_rates]
+        self.parallel = Parallel(self.model, world, device)  # one process: the module itself
+        self.stepper = Stepper(self.parallel, cfg, base_lr(cfg), device, loss_scaling=False)  # AdamW, clipping, EMAs
+        self.emas = self.stepper.emas
         self.ema = self.emas[0]
-        lr = base_lr(cfg)
-        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr, betas=tuple(t.betas),
-                                     weight_decay=t.weight_decay)
         self.disc = self.disc_opt = None
         if ae.disc_weight > 0:
             self.disc = self.build_discriminator()
-            self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=ae.disc_lr or lr, betas=tuple(t.betas),
-                                              weight_decay=t.weight_decay)
+            self.disc_opt = adamw(self.disc.parameters(), ae.disc_lr or base_lr(cfg), t, device)
         self.amp_dtype = PRECISIONS[t.precision]
         self.window = MeanWindow()
 
@@ -109,14 +109,14 @@ class AutoencoderTask:
     def step(self, batch: tuple[Tensor, Tensor], lr: float, step: int, stop_requested: bool) -> StepResult:
         """One generator step (and one discriminator step after disc_start)."""
         ae = self.cfg.autoencoder
-        self.set_lr(lr)
+        self.stepper.begin(lr)
+        if self.disc_opt is not None:
+            set_lr(self.disc_opt, ae.disc_lr or lr)
         x, _ = batch
         gan = self.disc is not None and step >= ae.disc_start
-        self.opt.zero_grad(set_to_none=True)
         loss, x_rec, aux, logs = self.generator_loss(x, gan)
-        loss.backward()
-        max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.stepper.backward(loss)
+        grad_norm = self.stepper.clip()
         if gan:
             logs.update(self.discriminator_backward(x, x_rec))
         names = ["loss", "grad_norm", *logs]
@@ -126,18 +126,11 @@ class AutoencoderTask:
             self.update(step, row, aux, gan)
         return StepResult(row["loss"], row["grad_norm"])
 
-    def set_lr(self, lr: float) -> None:
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        if self.disc_opt is not None:
-            for group in self.disc_opt.param_groups:
-                group["lr"] = self.cfg.autoencoder.disc_lr or lr
-
     def generator_loss(self, x: Tensor, gan: bool) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]:
         """(loss, x_rec, the model's aux outputs, the values to log): reconstruction, regulariser, GAN term."""
         ae = self.cfg.autoencoder
         with autocast(self.device, self.amp_dtype):
-            x_rec, aux = self.model(x)
+            x_rec, aux = self.parallel(x)
         nll, reg, logs = self.losses(x, x_rec, aux)
         loss = nll + reg
         if gan:
@@ -182,29 +175,40 @@ class AutoencoderTask:
     def update(self, step: int, row: dict[str, float], aux: dict[str, Tensor], gan: bool) -> None:
         """The optimizer steps, EMAs, dead-code restarts and the log window, after a finite step."""
         ae = self.cfg.autoencoder
-        self.opt.step()
+        self.stepper.step(finite=True)
         if gan and math.isfinite(row["d_loss"]):
             self.disc_opt.step()
-        for ema in self.emas:
-            ema.update(self.model, step)
+        self.stepper.update_emas(step)
         if ae.kind == "vq" and ae.restart_every and (step + 1) % ae.restart_every == 0:
             row["restarted_codes"] = float(self.model.restart_dead_codes(aux["latent"]))
         self.window.add(row)
 
     # --- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        state = {"model": self.model.state_dict(), **ema_state(self.emas), "optimizer": self.opt.state_dict()}
+        state = {"model": self.parallel.full_state_dict(), **self.stepper.state_dict()}  # ema, emas, optimizer
         if self.disc is not None:
             state.update(disc=self.disc.state_dict(), disc_optimizer=self.disc_opt.state_dict())
         return state
 
     def load_state_dict(self, state: dict[str, Any], source: str) -> None:
-        load_model_state(self.model, state["model"], source)
-        load_ema_state(self.emas, self.model, state, source)
-        self.opt.load_state_dict(state["optimizer"])
+        self.parallel.load_full_state_dict(state["model"], source)
+        self.stepper.load_state_dict(state, source)
         if self.disc is not None and "disc" in state:
             load_model_state(self.disc, state["disc"], source)
             self.disc_opt.load_state_dict(state["disc_optimizer"])
+
+    # --- hooks the engine calls: evaluation and post-hoc EMA ---------------------------------
+    def evaluator(self, run_dir: Path) -> None:
+        """No sample-quality evaluation: an autoencoder is scored by its validation (val_psnr; val_rfid at the end)."""
+        if self.cfg.train.eval_every:
+            raise ConfigError(f"train.eval_every scores samples of a diffusion model; an autoencoder run "
+                              f"(autoencoder.kind={self.cfg.autoencoder.kind}) is scored by its validation "
+                              f"(train.val_every: val_psnr); set train.eval_every=0")
+        return None
+
+    def phema(self) -> PosthocEMA | None:
+        """The power EMAs of train.posthoc_ema over the autoencoder (None when empty)."""
+        return posthoc_ema(self.parallel.unwrap(), self.cfg.train, self.cfg.to_yaml())
 
     # --- validation and grids --------------------------------------------------------------
     def held_out(self) -> Tensor | None:

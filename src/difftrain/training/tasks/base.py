@@ -1,10 +1,15 @@
 """What the engine needs from a training task: the `Task` protocol and the `StepResult` of one step.
 
 A task is one kind of training (denoising diffusion, a first-stage autoencoder, ...). It owns its
-models, optimizers, EMAs, one optimizer step, its checkpoint entries, validation and grids. The
-engine (training/engine.py) owns everything around it: the run directory, resume, checkpoints,
-signals, the process group, logging and the end of the run. Tasks share code through plain
-functions (training/ema.py, training/metrics.py), never by inheriting each other's state.
+models, optimizers, EMAs, one optimizer step, its checkpoint entries, validation and grids, and
+provides the hooks the engine calls without knowing the task: `evaluator` (sample quality during
+training) and `phema` (post-hoc EMA). The engine (training/engine.py) owns everything around it: the
+run directory, resume, checkpoints, signals, the process group, logging and the end of the run.
+
+Tasks share code through composed parts, never by inheriting each other's state: each wraps its
+module once in a `training.parallel.Parallel` (DDP, compile, clipping, full state dicts; FSDP's one
+seam) and steps it with a `training.optim.Stepper` (AdamW, lr, fp16 scaler, clipping, EMAs and their
+checkpoint entries); plain functions do the rest (training/ema.py, training/metrics.py).
 
 A new task is one file under training/tasks/ with a class that has the members below, and one
 line in training/tasks/__init__.py's TASKS registry; `train.task=NAME` selects it
@@ -23,7 +28,9 @@ from torch import Tensor, nn
 from difftrain.config import Config
 from difftrain.data import Splits
 from difftrain.training.ema import EMA
+from difftrain.training.evaluate import Evaluator
 from difftrain.training.metrics import MetricsLog
+from difftrain.training.phema import PosthocEMA
 
 VAL_MAX_IMAGES = 1024  # validation uses at most this many held-out images, with fixed noise
 
@@ -68,6 +75,14 @@ class Task(Protocol):
         """The task's checkpoint entries: "model", "ema", "emas", "optimizer" and any of its own."""
 
     def load_state_dict(self, state: dict[str, Any], source: str) -> None: ...
+
+    def evaluator(self, run_dir: Path) -> Evaluator | None:
+        """What scores the run every train.eval_every steps and at the end (None: nothing); a config asking for
+        an evaluation the task cannot do is refused here, before training starts."""
+
+    def phema(self) -> PosthocEMA | None:
+        """The post-hoc EMA tracker of the trained module (train.posthoc_ema; None when empty). The engine builds
+        it on rank 0, updates it after every step and writes its snapshots and checkpoint entry."""
 
     def validate(self, step: int) -> dict[str, float]:
         """Held-out metrics to log (empty without a held-out split); runs under a forked RNG."""

@@ -9,7 +9,6 @@ gradient norm in one host sync, then takes the AdamW step and updates the EMAs:
 
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from difftrain.checkpoint import load_model_state
 from difftrain.config import Config, ConfigError
 from difftrain.data import Splits, load_data
 from difftrain.data.memory import to_model_range
@@ -29,9 +27,12 @@ from difftrain.samplers import sampler_steps
 from difftrain.sampling import SamplingPlan
 from difftrain.training import distributed
 from difftrain.training.distributed import World
-from difftrain.training.ema import EMA, ema_state, load_ema_state
+from difftrain.training.evaluate import Evaluator
 from difftrain.training.metrics import LossWindow, MetricsLog
+from difftrain.training.optim import Stepper
 from difftrain.training.options import PRECISIONS, resolve_config
+from difftrain.training.parallel import Parallel
+from difftrain.training.phema import PosthocEMA, posthoc_ema
 from difftrain.training.schedules import base_lr
 from difftrain.training.tasks.base import VAL_MAX_IMAGES, StepResult, autocast
 from difftrain.training.timesteps import build_timestep_sampler
@@ -79,28 +80,23 @@ class DiffusionTask:
             raise ConfigError(f"sample.sampler / sample.steps: {e}") from None
         self.grid_plan: SamplingPlan | None = None  # built at the first grid (rank 0), then reused
         self.timesteps = build_timestep_sampler(t.timestep_sampler, self.process, device)
-        self.model = build_model(cfg.model).to(device)
-        if not resuming:  # model.init_from: a run's, safetensors or diffusers weights (a resume loads its own)
-            init_weights(self.model, cfg.model.init_from, cfg)
         self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
-        self.model.to(memory_format=self.memory_format)
-        self.emas = [EMA(self.model, rate, t.ema_warmup, t.ema_start) for rate in t.ema_rates]
+        self.model = self.build_network(resuming)
+        self.parallel = Parallel(self.model, world, device, compile=t.compile)  # DDP under torchrun, torch.compile
+        self.stepper = Stepper(self.parallel, cfg, base_lr(cfg, world.size), device)  # AdamW, fp16 scaler, EMAs
+        self.emas = self.stepper.emas
         self.ema = self.emas[0]  # the default for sampling
-        # The fused AdamW kernel (CPU and CUDA) is about 10% faster per step here than foreach.
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=base_lr(cfg, world.size), betas=tuple(t.betas),
-                                     weight_decay=t.weight_decay, fused=device.type in ("cpu", "cuda"))
         self.amp_dtype = PRECISIONS[t.precision]
-        self.scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
-        # DDP averages the gradients over the ranks in backward; EMA, validation, grids and checkpoints use
-        # the plain module self.model (the same parameters).
-        self.ddp = None
-        if world.active:
-            self.ddp = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[device.index] if device.type == "cuda" else None)
-        trained = self.ddp or self.model
-        self.forward = torch.compile(trained) if t.compile else trained
         self.window = LossWindow(device)
         self.null_label = cfg.model.num_classes or 0
+
+    def build_network(self, resuming: bool) -> nn.Module:
+        """cfg.model on the device in train.channels_last's memory format, with model.init_from's weights (a run's,
+        safetensors or diffusers; not read when resuming: the checkpoint's weights win)."""
+        model = build_model(self.cfg.model).to(self.device)
+        if not resuming:
+            init_weights(model, self.cfg.model.init_from, self.cfg)
+        return model.to(memory_format=self.memory_format)
 
     # --- one step ------------------------------------------------------------------------
     def step(self, batch: tuple[Tensor, Tensor], lr: float, step: int, stop_requested: bool) -> StepResult:
@@ -112,8 +108,7 @@ class DiffusionTask:
         identical random streams and trains on its own slice; DDP averages the gradients, so the
         step equals one process with the global batch. The returned loss is the global mean.
         """
-        for group in self.opt.param_groups:
-            group["lr"] = lr
+        self.stepper.begin(lr)
         x0, y, ts, weights, noise = self.draw(batch)
         per_sample = self.backward(*self.my_slice(x0, y, ts, weights, noise))  # (B,) this rank's losses
         any_stop = None
@@ -121,10 +116,10 @@ class DiffusionTask:
             per_sample, any_stop = distributed.gather_losses(self.world, per_sample, stop_requested)
         loss, norm, stop_elsewhere = self.clip_and_read(per_sample, any_stop)
         ok = math.isfinite(loss) and math.isfinite(norm)
-        self.optimizer_step(ok)
+        self.stepper.step(ok)
         if ok:
             self.after_update(step, ts, weights, per_sample, loss, norm)
-        return StepResult(loss, norm, overflow=self.scaler.is_enabled() and math.isfinite(loss),
+        return StepResult(loss, norm, overflow=self.stepper.scaling and math.isfinite(loss),
                           stop_elsewhere=stop_elsewhere)
 
     def draw(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None, Tensor]:
@@ -155,62 +150,57 @@ class DiffusionTask:
         b = x0.shape[0]
         micro = self.cfg.train.microbatch
         chunk = micro if 0 < micro < b else b
-        self.opt.zero_grad(set_to_none=True)
         parts = []
         for i in range(0, b, chunk):
             part = slice(i, i + chunk)
             yi = None if y is None else y[part]
-            # DDP: gradients are all-reduced only in the last micro-batch's backward
-            no_sync = self.ddp.no_sync() if self.ddp is not None and i + chunk < b else contextlib.nullcontext()
-            with no_sync:
+            with self.parallel.no_sync(skip=i + chunk < b):  # DDP: gradients all-reduced in the last backward only
                 with autocast(self.device, self.amp_dtype):
-                    losses = self.process.loss(lambda x, tt: self.forward(x, tt, yi), x0[part], ts[part], noise=noise[part])
+                    losses = self.process.loss(lambda x, tt: self.parallel(x, tt, yi), x0[part], ts[part], noise=noise[part])
                 if weights is not None:
                     losses = losses * weights[part]
-                self.scaler.scale(losses.sum() / b).backward()  # sum / b: micro-batch gradients add up to the batch mean
+                self.stepper.backward(losses.sum() / b)  # sum / b: micro-batch gradients add up to the batch mean
             parts.append(losses.detach())
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def clip_and_read(self, per_sample: Tensor, any_stop: Tensor | None) -> tuple[float, float, bool]:
         """Unscale (fp16) and clip the gradients; read (loss, gradient norm, stop flag) in the step's one host sync."""
         loss = per_sample.mean()
-        if self.scaler.is_enabled():
-            self.scaler.unscale_(self.opt)
-        max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)  # of the averaged gradients
+        grad_norm = self.stepper.clip()  # of the averaged gradients
         synced = [] if any_stop is None else [any_stop]
         loss_value, norm_value, *stop = torch.stack([loss.float(), grad_norm.float(), *synced]).tolist()
         return loss_value, norm_value, any(stop)
 
-    def optimizer_step(self, ok: bool) -> None:
-        if self.scaler.is_enabled():
-            self.scaler.step(self.opt)  # skips the update itself on inf/nan gradients
-            self.scaler.update()
-        elif ok:
-            self.opt.step()
-
     def after_update(self, step: int, ts: Tensor, weights: Tensor | None, per_sample: Tensor, loss: float,
                      norm: float) -> None:
         """The EMAs, the timestep sampler's loss history and the log window take the step."""
-        for ema in self.emas:
-            ema.update(self.model, step)
+        self.stepper.update_emas(step)
         unweighted = per_sample if weights is None else per_sample / weights
         self.timesteps.update(ts, unweighted)
         self.window.add(loss, norm, self.process.t_fraction(ts), per_sample)
 
     # --- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), **ema_state(self.emas), "optimizer": self.opt.state_dict(),
-                "scaler": self.scaler.state_dict(), "timestep_sampler": self.timesteps.state_dict()}
+        return {"model": self.parallel.full_state_dict(), **self.stepper.state_dict(),  # ema, emas, optimizer, scaler
+                "timestep_sampler": self.timesteps.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any], source: str) -> None:
-        load_model_state(self.model, state["model"], source)
-        load_ema_state(self.emas, self.model, state, source)
-        self.opt.load_state_dict(state["optimizer"])
-        if "scaler" in state and self.scaler.is_enabled() and state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
+        self.parallel.load_full_state_dict(state["model"], source)
+        self.stepper.load_state_dict(state, source)
         if state.get("timestep_sampler", {}).get("name") == self.timesteps.name:
             self.timesteps.load_state_dict(state["timestep_sampler"])
+
+    # --- hooks the engine calls: evaluation and post-hoc EMA ---------------------------------
+    def evaluator(self, run_dir: Path) -> Evaluator | None:
+        """Sample quality of the default EMA every train.eval_every steps (None when 0); refuses an eval sampler
+        that does not fit the process now."""
+        if not self.cfg.train.eval_every:
+            return None
+        return Evaluator(self.cfg, self.ema.model, self.world, self.device, run_dir)
+
+    def phema(self) -> PosthocEMA | None:
+        """The power EMAs of train.posthoc_ema over the trained module (None when empty)."""
+        return posthoc_ema(self.parallel.unwrap(), self.cfg.train, self.cfg.to_yaml())
 
     # --- validation, grids, messages -----------------------------------------------------
     @torch.no_grad()
