@@ -150,3 +150,24 @@ def test_data_inspect_parquet(tmp_path, capsys):
     assert "8x8 RGB (9)" in out and "per class (all) min 3, max 3" in out and preview.is_file()
     assert main(["data", "inspect", str(tmp_path / "ds"), "--label-column", "nope", "--preview", ""]) == 2
     assert "has no column 'nope' (data.label_column)" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # two short training runs: ~15 s on an idle 2-core machine, more when shared
+def test_training_streams_parquet_and_resumes_at_the_stored_position(tmp_path):
+    from difftrain.checkpoint import load_checkpoint
+    from difftrain.config import load_config
+    from difftrain.training import train
+    from tests.conftest import TINY
+
+    write_parquet(tmp_path / "ds" / "train.parquet", 10, row_group_size=3)
+    write_parquet(tmp_path / "ds" / "test.parquet", 3, start=10)
+    over = [f"run_dir={tmp_path / 'run'}", "data.name=parquet", f"data.path={tmp_path / 'ds'}", "data.image_size=8",
+            "data.label_column=label", f"data.test_path={tmp_path / 'ds'}", "train.steps=2", "train.batch_size=4",
+            "train.checkpoint_every=0", "train.sample_every=0", "train.val_every=2", "train.device=cpu", *TINY[:3],
+            "sample.steps=2", "train.progress=false", "train.tensorboard=false"]
+    run = train(load_config("digits", over))
+    state = load_checkpoint(sorted((run / "checkpoints").glob("*.pt"))[-1])
+    assert (state["data"]["epoch"], state["data"]["offset"]) == (0, 8) and state["class_names"] == NAMES
+    train(load_config("digits", [o.replace("train.steps=2", "train.steps=4") for o in over]))
+    state = load_checkpoint(sorted((run / "checkpoints").glob("*.pt"))[-1])
+    assert state["step"] == 4 and (state["data"]["epoch"], state["data"]["offset"]) == (1, 6)

@@ -166,3 +166,14 @@ def test_parquet_over_http_reads_as_the_local_file(tmp_path):
 def test_a_missing_file_url_is_named(tmp_path):
     with pytest.raises(DataError, match="not found: .*nope.tar"):
         load_data(DataConfig(name="shards", path=(tmp_path / "nope.tar").as_uri(), image_size=8))
+
+
+def test_a_server_that_cannot_be_reached_is_an_error_naming_the_url():
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for path, name in ((f"http://127.0.0.1:{port}/shards", "shards"), (f"http://127.0.0.1:{port}/imgs", "folder")):
+        with pytest.raises(DataError, match=rf"127.0.0.1:{port}/"):
+            load_data(DataConfig(name=name, path=path, image_size=8))

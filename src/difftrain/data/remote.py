@@ -117,8 +117,10 @@ def is_file(spec: str) -> bool:
         try:
             with _http_open(spec, method="HEAD"):
                 return True
-        except DataError:
+        except DataError:  # 404, 403: no such file
             return False
+        except ConnectionError as e:
+            raise DataError(f"cannot reach '{redact(spec)}': {e}") from None
     fs, path = _fs(spec)
     try:
         return fs.isfile(path)
@@ -164,8 +166,7 @@ class _Links(html.parser.HTMLParser):
 def _list_http(base: str, prefix: str, depth: int) -> list[str]:
     """Files below `base` + `prefix` linked from its listing page (links that lead elsewhere are ignored)."""
     url = base + urllib.parse.quote(prefix)
-    with _http_open(url) as r:
-        page = r.read(64 << 20).decode("utf-8", "replace")
+    page = read_bytes(url).decode("utf-8", "replace")
     links = _Links()
     links.feed(page)
     found = []
