@@ -16,11 +16,13 @@ from pathlib import Path
 @dataclass
 class Behaviour:
     """What the server does: `drops[path]` more responses of that file are cut after half their bytes
-    (Content-Length promised in full); `requests` records (path, Range header) of every GET."""
+    (Content-Length promised in full); `requests` records (path, Range header) of every GET, `auth` the
+    Authorization header of every request."""
 
     ranges: bool = True
     drops: dict[str, int] = field(default_factory=dict)
     requests: list[tuple[str, str | None]] = field(default_factory=list)
+    auth: list[str | None] = field(default_factory=list)
 
 
 def _handler(root: Path, behaviour: Behaviour):
@@ -40,6 +42,7 @@ def _handler(root: Path, behaviour: Behaviour):
         def _serve(self, body: bool):
             path = urllib.parse.unquote(urllib.parse.urlparse(self.path).path)
             target = (root / path.lstrip("/")).resolve()
+            behaviour.auth.append(self.headers.get("Authorization"))
             if body:
                 behaviour.requests.append((path, self.headers.get("Range")))
             if not target.is_relative_to(root.resolve()) or not target.exists():

@@ -177,3 +177,16 @@ def test_a_server_that_cannot_be_reached_is_an_error_naming_the_url():
     for path, name in ((f"http://127.0.0.1:{port}/shards", "shards"), (f"http://127.0.0.1:{port}/imgs", "folder")):
         with pytest.raises(DataError, match=rf"127.0.0.1:{port}/"):
             load_data(DataConfig(name=name, path=path, image_size=8))
+
+
+def test_http_credentials_come_from_netrc(site, tmp_path, monkeypatch):
+    import base64
+
+    netrc = tmp_path / "home" / ".netrc"
+    netrc.parent.mkdir()
+    netrc.write_text("machine 127.0.0.1 login alice password hunter2\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("HOME", str(netrc.parent))
+    with serve(site) as (url, seen):
+        assert read_bytes(f"{url}/shards/shards.json") == (site / "shards" / "shards.json").read_bytes()
+    assert seen.auth == ["Basic " + base64.b64encode(b"alice:hunter2").decode()]

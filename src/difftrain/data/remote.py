@@ -143,7 +143,7 @@ def list_files(spec: str, suffixes: tuple[str, ...] | set[str]) -> list[str]:
         fs, path = _fs(spec)
         try:
             if not fs.isdir(path):
-                raise DataError(f"'{redact(spec)}' is not a folder")
+                raise DataError(f"'{redact(spec)}' is not a folder that can be listed (missing, private or unreachable)")
             path = path.rstrip("/")
             found = [p[len(path):].lstrip("/") for p in fs.find(path)]
         except DataError:
