@@ -99,6 +99,12 @@ def test_fsspec_memory_and_file_urls(site):
         for p in sorted((site / "shards").iterdir()):
             fs.pipe(f"/difftrain-test/shards/{p.name}", p.read_bytes())
         assert batches("memory://difftrain-test/shards") == local
+        for p in sorted((site / "imgs").rglob("*.png")):
+            fs.pipe(f"/difftrain-test/imgs/{p.parent.name}/{p.name}", p.read_bytes())
+        cfg = dict(name="folder", image_size=8, test_fraction=0.0)
+        remote = load_data(DataConfig(path="memory://difftrain-test/imgs", **cfg)).train
+        mine = load_data(DataConfig(path=str(site / "imgs"), **cfg)).train
+        assert remote.class_names == ["cat", "dog"] and torch.equal(remote.images, mine.images)
         with pytest.raises(DataError, match="not found"):
             read_bytes("memory://difftrain-test/shards/nope.tar")
     finally:

@@ -106,7 +106,12 @@ def open_binary(spec: str) -> IO[bytes]:
 
 def read_bytes(spec: str) -> bytes:
     with open_binary(spec) as f:
-        return f.read()
+        try:
+            return f.read()
+        except DataError:
+            raise
+        except Exception as e:  # a backend's network error, a local read error
+            raise _fs_error(spec, e) from None
 
 
 def is_file(spec: str) -> bool:
