@@ -153,7 +153,7 @@ def test_data_inspect_reads_urls(site, capsys):
         assert "kind     folder" in out and "all 10" in out and "8x8 RGB (10)" in out and "unreadable 0" in out
 
 
-def test_parquet_over_http_reads_as_the_local_file(tmp_path):
+def test_parquet_over_http_reads_as_the_local_file(tmp_path, capsys):
     from tests.test_datasets_parquet import write_parquet
 
     write_parquet(tmp_path / "site" / "data" / "train-00000-of-00001.parquet", 20, row_group_size=6)
@@ -166,6 +166,9 @@ def test_parquet_over_http_reads_as_the_local_file(tmp_path):
         for _ in range(4):
             (a, ya), (b, yb) = local.next(), remote.next()
             assert torch.equal(a, b) and torch.equal(ya, yb)
+        assert main(["data", "inspect", f"{url}/", "--label-column", "label", "--preview", ""]) == 0
+        out = capsys.readouterr().out
+        assert "kind     parquet" in out and "all 20, files 1, row groups 4" in out and "classes  3: zero, one, two" in out
     assert any(r for _, r in seen.requests)  # the footer and row groups were read with Range requests
 
 
