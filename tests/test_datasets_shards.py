@@ -196,3 +196,29 @@ def test_an_index_without_shards_or_with_bad_class_names_is_an_error(shards, edi
     edit_index(shards, edit)
     with pytest.raises(DataError, match=message):
         load_data(DataConfig(name="shards", path=str(shards), image_size=8))
+
+
+def test_member_names_are_keys_never_paths_and_links_are_not_samples(tmp_path, monkeypatch):
+    """Why the hand-written reader is safe without extraction checks (README: The WebDataset library): a member
+    named ../x.png is read into memory as the sample '../x', nothing is written, and a symlink member is skipped."""
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (70, 70, 70)).save(buf, "PNG")
+    png = buf.getvalue()
+    path = tmp_path / "deep" / "s.tar"
+    path.parent.mkdir()
+    with tarfile.open(path, "w") as tar:
+        for name, kind in (("../escape.png", tarfile.REGTYPE), ("link.png", tarfile.SYMTYPE), ("ok.png", tarfile.REGTYPE)):
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            if kind == tarfile.SYMTYPE:
+                info.linkname = "/etc/passwd"
+                tar.addfile(info)
+            else:
+                info.size = len(png)
+                tar.addfile(info, io.BytesIO(png))
+    monkeypatch.chdir(path.parent)
+    x, y, bad = read_shard(str(path), 8, 3)
+    assert len(x) == 2 and value_of(x.float() / 127.5 - 1) == [70, 70] and not bad
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["deep", "s.tar"]  # nothing extracted anywhere

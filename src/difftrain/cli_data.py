@@ -58,7 +58,8 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     from difftrain.data.inspect import inspect_source
 
     report = inspect_source(args.source, name=args.name, preview=args.preview or None, image_size=args.image_size,
-                            per_class=args.per_class, limit=args.limit, download=args.download)
+                            per_class=args.per_class, limit=args.limit, download=args.download,
+                            image_column=args.image_column, label_column=args.label_column)
     print(report.format())
     return 0
 
@@ -105,7 +106,8 @@ def add_data_commands(sub) -> None:
 
     i = dsub.add_parser("inspect", help="counts, classes, sizes, preview grid, unreadable files",
                         description="Report on SOURCE: a data set name (digits, mnist, ...), an image folder, "
-                        "a CIFAR folder, a fonts .npz/.csv, or shards (folder, shards.json, pattern or URL).")
+                        "a CIFAR folder, a fonts .npz/.csv, shards (folder, shards.json, pattern) or parquet files; "
+                        "paths may be URLs (https://, s3://, gs://, hf://).")
     i.add_argument("source")
     i.add_argument("--name", default=None, help="the data set kind when the guess is wrong (e.g. mnist, celebahq)")
     i.add_argument("--preview", default="preview.png", help="preview grid PNG (default preview.png; '' for none)")
@@ -113,4 +115,6 @@ def add_data_commands(sub) -> None:
     i.add_argument("--per-class", type=PER_CLASS_OPTION, default=8, help="preview images per class (default 8)")
     i.add_argument("--limit", type=OFF_OR_COUNT_OPTION, default=0, help="shards: read at most this many samples (0: all)")
     i.add_argument("--download", action="store_true", help="fetch mnist / cifar files when missing")
+    i.add_argument("--image-column", default="image", help="parquet: the column of encoded images (default image)")
+    i.add_argument("--label-column", default=None, help="parquet: the class column (default: none, unlabelled)")
     i.set_defaults(func=cmd_data_inspect)

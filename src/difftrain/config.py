@@ -98,8 +98,8 @@ class DiffusionConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # digits | folder | mnist | fashion_mnist | cifar10 | cifar100 | celebahq | fonts | shards
-    path: str | None = None  # folder / file / shard source of the data set (see README "Data")
+    name: str = "digits"  # digits | folder | mnist | fashion_mnist | cifar10 | cifar100 | celebahq | fonts | shards | parquet
+    path: str | None = None  # folder / file / shard / parquet source, local or a URL (s3://, gs://, hf://, https://)
     image_size: int = 8
     channels: int | None = None  # null: the data set's own (1 for digits, 3 for folders)
     test_fraction: float = 0.3
@@ -110,6 +110,8 @@ class DataConfig:
     test_path: str | None = None  # shards: validation shards (read into memory); other sources split their own
     num_workers: int = 0  # shards: worker processes decoding shards ahead of use (0: in the training process)
     prefetch: int = 2  # shards: shards each worker decodes ahead
+    image_column: str = "image"  # parquet: the column of encoded images (the Hub's {bytes, path} struct or binary)
+    label_column: str | None = None  # parquet: the class column (null: unlabelled)
     download: bool = False  # mnist / fashion_mnist / cifar10 / cifar100: fetch the files into data.path when missing
     black_white: int = 0  # add this many all-black and as many all-white images (null class) to the training split
     # unit_variance: training images (in [-1, 1]) become (x - mean) / std; sampling inverts it.

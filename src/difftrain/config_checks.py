@@ -295,7 +295,7 @@ CHECKED_WHERE_USED = frozenset({
     "diffusion.process", "diffusion.schedule", "diffusion.prediction", "diffusion.learn_sigma",
     "diffusion.timestep_sampling", "diffusion.loss_weighting", "diffusion.zero_terminal_snr",
     "data.name", "data.path", "data.random_flip", "data.class_from", "data.strict", "data.test_path", "data.download",
-    "data.normalize",
+    "data.normalize", "data.image_column", "data.label_column",
     "train.task", "train.scale_lr", "train.lr_schedule", "train.ema_warmup", "train.timestep_sampler", "train.precision",
     "train.compile", "train.channels_last", "train.resume", "train.device", "train.tensorboard", "train.wandb",
     "train.progress", "train.allow_config_change", "train.eval_sampler",
@@ -318,10 +318,52 @@ def _get(cfg: Any, key: str) -> Any:
     return cfg
 
 
+# --- credentials in URLs -----------------------------------------------------------------------
+
+def credentials_in(spec: Any) -> bool:
+    """Whether a data path or URL carries what may be a secret: a user name or password (user:pw@host) or a
+    query string (?token=..., presigned ?X-Amz-Signature=...). Such a value would be written to config.yaml,
+    every checkpoint, the report and the logs, so it is refused (README "Data from object storage and the Hub")."""
+    if not isinstance(spec, str) or "://" not in spec:
+        return False
+    for part in spec.split(","):
+        scheme, _, rest = part.strip().partition("://")
+        if not scheme:
+            continue
+        netloc = rest.split("/", 1)[0]
+        if "@" in netloc or "?" in rest:
+            return True
+    return False
+
+
+def redact(spec: str) -> str:
+    """`spec` with user names, passwords and query strings of its URLs replaced by '***'."""
+    out = []
+    for part in spec.split(","):
+        scheme, sep, rest = part.partition("://")
+        if sep:
+            netloc, slash, path = rest.partition("/")
+            netloc = "***@" + netloc.rsplit("@", 1)[1] if "@" in netloc else netloc
+            path = path.split("?", 1)[0] + "?***" if "?" in path else path
+            netloc = netloc.split("?", 1)[0] + "?***" if "?" in netloc else netloc
+            part = scheme + sep + netloc + slash + path
+        out.append(part)
+    return ",".join(out)
+
+
+CREDENTIALS_TEXT = ("a URL carrying credentials (user:password@ or a ?query) is refused: it would be written to "
+                    "config.yaml, the checkpoints, the report and the logs; give credentials the filesystem's usual way "
+                    "(s3: AWS_ACCESS_KEY_ID / AWS_PROFILE or ~/.aws, gs: GOOGLE_APPLICATION_CREDENTIALS, hf: HF_TOKEN "
+                    "or `huggingface-cli login`, http(s): ~/.netrc)")
+
+
 def problems(cfg: Any) -> list[str]:
     """One line per out-of-range value of `cfg` (a difftrain Config): `key: must be ..., got VALUE`."""
     lines = [f"{key}: must be {text}, got {_show(_get(cfg, key))}"
              for key, (test, text) in RULES.items() if not test(_get(cfg, key))]
+    for key in ("data.path", "data.test_path"):  # the value itself is not shown: only its redacted form
+        if credentials_in(_get(cfg, key)):
+            lines.append(f"{key}: {CREDENTIALS_TEXT}; got {redact(_get(cfg, key))}")
     d = cfg.diffusion
     if _real(d.beta_start) and _real(d.beta_end) and d.beta_start > d.beta_end:
         lines.append(f"diffusion.beta_start: must be <= diffusion.beta_end ({_show(d.beta_end)}), got {_show(d.beta_start)}")

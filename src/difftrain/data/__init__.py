@@ -18,6 +18,7 @@ from difftrain.data.fonts import load_fonts_splits
 from difftrain.data.memory import BatchStream, ImageSet, Splits, to_model_range, to_uint8
 from difftrain.data.mnist import load_mnist_splits
 from difftrain.data.normalize import apply_extras
+from difftrain.data.parquet import load_parquet_in_memory, load_parquet_set
 from difftrain.data.shards import load_shard_set, load_shards_in_memory
 from difftrain.registry import Registry
 
@@ -87,6 +88,14 @@ def _shards(cfg: DataConfig) -> Splits:
     train = load_shard_set(cfg.path, cfg.image_size, cfg.channels, num_workers=cfg.num_workers, prefetch=cfg.prefetch)
     test = load_shards_in_memory(cfg.test_path, cfg.image_size, cfg.channels, train.class_names) if cfg.test_path else None
     return Splits(train, test, train.skipped)
+
+
+@DATASETS.register("parquet")
+def _parquet(cfg: DataConfig) -> Splits:
+    """Image parquet files in the Hub's layout, streamed by row group; data.test_path (optional) read into memory."""
+    train = load_parquet_set(cfg.path, cfg.image_size, cfg.channels, image_column=cfg.image_column,
+                             label_column=cfg.label_column, num_workers=cfg.num_workers, prefetch=cfg.prefetch)
+    return Splits(train, load_parquet_in_memory(cfg.test_path, train) if cfg.test_path else None)
 
 
 def load_data(cfg: DataConfig) -> Splits:

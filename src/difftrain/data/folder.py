@@ -1,10 +1,13 @@
 """Image folders: classes from sub-folder names or from the file-name prefix before the first "_"
-(guided-diffusion's convention), resized and center-cropped once and held in memory."""
+(guided-diffusion's convention), resized and center-cropped once and held in memory. A folder may be a URL
+(https://, s3://, gs://, hf://: listed and read through data/remote.py)."""
 
 from __future__ import annotations
 
+import io
 import warnings
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -15,6 +18,7 @@ from torchvision.transforms import functional as TF
 from difftrain.config import ConfigError
 from difftrain.data import DataError  # also importable from here, as before
 from difftrain.data.memory import ImageSet, Splits
+from difftrain.data.remote import is_url, join, list_files, read_bytes
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 CLASS_SOURCES = ("auto", "dir", "prefix", "none")
@@ -58,6 +62,20 @@ def read_image(path: Path, image_size: int, channels: int) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
+def find_remote_images(url: str) -> tuple[PurePosixPath, list[PurePosixPath]]:
+    """The images under a folder URL as ('/', ['/REL', ...]) (relative paths, so classes read like local ones)."""
+    files = [PurePosixPath("/" + rel) for rel in list_files(url, IMAGE_EXTENSIONS)]
+    if not files:
+        raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under '{url}'")
+    return PurePosixPath("/"), files
+
+
+def fetch_images(url: str, files: list[PurePosixPath]):
+    """(file, its bytes as a file object) for each file under the folder URL, fetched 8 at a time, in order."""
+    with ThreadPoolExecutor(8) as pool:
+        yield from zip(files, (io.BytesIO(b) for b in pool.map(lambda f: read_bytes(join(url, str(f)[1:])), files)))
+
+
 def find_images(path: str | Path) -> tuple[Path, list[Path]]:
     """(root, image files under it, sorted), or a DataError naming the folder."""
     root = Path(path).expanduser()
@@ -73,14 +91,16 @@ def load_folder_splits(path: str | None, image_size: int, channels: int | None =
                        test_fraction: float = 0.0, split_seed: int = 0, strict: bool = False) -> Splits:
     if not path:
         raise DataError("data.name=folder needs data.path=/path/to/images")
-    root, files = find_images(path)
+    remote = is_url(str(path))
+    root, files = find_remote_images(str(path)) if remote else find_images(path)
     channels = channels or 3
     source = resolve_class_source(files, root, class_from)
+    where = path if remote else root
 
     arrays, names, skipped = [], [], []
-    for f in files:
+    for f, opened in (fetch_images(str(path), files) if remote else ((f, f) for f in files)):
         try:
-            arrays.append(read_image(f, image_size, channels))
+            arrays.append(read_image(opened, image_size, channels))
         except DECODE_ERRORS as e:
             if strict:
                 raise DataError(f"unreadable image '{f}': {e}") from None
@@ -89,10 +109,10 @@ def load_folder_splits(path: str | None, image_size: int, channels: int | None =
         names.append(class_of(f, root, source))
     if skipped:
         shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
-        warnings.warn(f"skipped {len(skipped)} unreadable image(s) under '{root}': {shown} "
+        warnings.warn(f"skipped {len(skipped)} unreadable image(s) under '{where}': {shown} "
                       "(data.strict=true makes this an error)")
     if not arrays:
-        raise DataError(f"none of the {len(files)} images under '{root}' could be read")
+        raise DataError(f"none of the {len(files)} images under '{where}' could be read")
 
     class_names = sorted(set(names)) if source != "none" else []
     index = {c: i for i, c in enumerate(class_names)}

@@ -1,8 +1,8 @@
 """`difftrain data inspect SOURCE`: counts, classes, image sizes, a preview grid and the unreadable files.
 
-SOURCE is a registered data set name (`digits`), or a path or URL whose kind is guessed: a
-shard folder / shards.json / .tar pattern / http(s) URL (shards), a .npz with codepoints (emoji), another
-.npz or a .csv (fonts), a
+SOURCE is a registered data set name (`digits`), or a path or URL (https://, s3://, gs://, hf://, file://)
+whose kind is guessed: a shard folder / shards.json / .tar pattern (shards), .parquet files or a folder holding
+them (parquet), a .npz with codepoints (emoji), another .npz or a .csv (fonts), a
 folder holding the CIFAR pickles (cifar10 / cifar100), or any other folder (images). `name`
 overrides the guess (e.g. `mnist`, `celebahq`).
 """
@@ -22,9 +22,19 @@ from difftrain.data import DataError
 from difftrain.data.cifar import LAYOUTS as CIFAR_LAYOUTS
 from difftrain.data.cifar import find_cifar_folder
 from difftrain.data.emoji import read_emoji_file
-from difftrain.data.folder import class_of, list_images, read_image, resolve_class_source
+from difftrain.data.folder import (
+    IMAGE_EXTENSIONS,
+    class_of,
+    fetch_images,
+    find_remote_images,
+    list_images,
+    read_image,
+    resolve_class_source,
+)
 from difftrain.data.fonts import LETTERS, read_fonts_file
 from difftrain.data.images import to_pil
+from difftrain.data.parquet import load_parquet_set
+from difftrain.data.remote import check_no_credentials, list_files
 from difftrain.data.shards import (
     DECODE_ERRORS,
     INDEX_NAME,
@@ -81,13 +91,24 @@ def guess_kind(source: str) -> str:
     path = Path(source).expanduser()
     if source in DATASETS and not path.exists():
         return source
-    if is_url(source) or source.endswith((".tar", ".json")) or "{" in source:
+    if source.rstrip("/").endswith(".parquet"):
+        return "parquet"
+    if source.endswith((".tar", ".json")) or "{" in source:
         return "shards"
+    if is_url(source):
+        found = list_files(source, (".tar", ".json", ".parquet", *IMAGE_EXTENSIONS))
+        if INDEX_NAME in found or any(f.endswith(".tar") and "/" not in f for f in found):
+            return "shards"
+        if any(f.endswith(".parquet") for f in found):
+            return "parquet"
+        return "folder"
     if path.suffix in (".npz", ".csv") and path.is_file():
         return "emoji" if path.suffix == ".npz" and _npz_has(path, "codepoints") else "fonts"
     if path.is_dir():
         if (path / INDEX_NAME).is_file() or (any(path.glob("*.tar")) and not list_images(path)):
             return "shards"
+        if any(path.rglob("*.parquet")) and not list_images(path):
+            return "parquet"
         for name in CIFAR_LAYOUTS:
             try:
                 find_cifar_folder(path, name)
@@ -148,8 +169,16 @@ class _Preview:
         return str(path)
 
 
-def _inspect_folder(report: Report, root: Path, image_size: int, preview: _Preview, class_from: str) -> None:
-    files = list_images(root)
+def _inspect_folder(report: Report, folder: str, image_size: int, preview: _Preview, class_from: str) -> None:
+    if is_url(folder):
+        root, files = find_remote_images(folder)
+        opened = fetch_images(folder, files)
+    else:
+        root = Path(folder).expanduser()
+        if not root.is_dir():
+            raise DataError(f"image folder '{root}' does not exist or is not a folder")
+        files = list_images(root)
+        opened = ((f, f) for f in files)
     if not files:
         raise DataError(f"no images found under '{root}'")
     source = resolve_class_source(files, root, class_from)
@@ -157,9 +186,9 @@ def _inspect_folder(report: Report, root: Path, image_size: int, preview: _Previ
     report.class_names = sorted(set(names)) if source != "none" else []
     index = {c: i for i, c in enumerate(report.class_names)}
     counter: Counter = Counter()
-    for f, name in zip(files, names):
+    for (f, handle), name in zip(opened, names):
         try:
-            with Image.open(f) as img:
+            with Image.open(handle) as img:
                 size, mode = img.size, img.mode
                 img.verify()  # checks the file without decoding all pixels
         except DECODE_ERRORS as e:
@@ -170,7 +199,9 @@ def _inspect_folder(report: Report, root: Path, image_size: int, preview: _Previ
         row = index.get(name, 0)
         if preview.want(row):
             try:
-                preview.add(read_image(f, image_size, 3), row)
+                if not isinstance(handle, Path):
+                    handle.seek(0)
+                preview.add(read_image(handle, image_size, 3), row)
             except DECODE_ERRORS as e:
                 report.unreadable.append(f"{f}: {e}")
     report.counts["all"] = sum(counter.values())
@@ -226,6 +257,36 @@ def _inspect_shard(report: Report, url: str, image_size: int, preview: _Preview,
     return seen
 
 
+def _inspect_parquet(report: Report, spec: str, image_size: int, preview: _Preview, limit: int,
+                     image_column: str, label_column: str | None) -> None:
+    data = load_parquet_set(spec, image_size, 3, image_column=image_column, label_column=label_column)
+    report.class_names = list(data.class_names)
+    counter: Counter = Counter()
+    seen = 0
+    for i in range(data.num_units):
+        if limit and seen >= limit:
+            break
+        for where, payload, value in data.rows(i)[: limit - seen if limit else None]:
+            seen += 1
+            try:
+                label = data.class_index(value, where) if label_column else 0
+                if payload is None:
+                    raise ValueError("no image bytes")
+                with Image.open(io.BytesIO(payload)) as img:
+                    size, mode = img.size, img.mode
+                if preview.want(label):
+                    preview.add(decode(payload, image_size, 3), label)
+            except (*DECODE_ERRORS, DataError) as e:
+                report.unreadable.append(str(e) if isinstance(e, DataError) else f"{where}: {e}")
+                continue
+            report.sizes[f"{size[0]}x{size[1]} {mode}"] += 1
+            counter[report.class_names[label] if report.class_names else "all"] += 1
+    report.counts["all" if not limit else f"first {seen} read"] = sum(counter.values())
+    report.counts.update({"files": len(data.files), "row groups": data.num_units})
+    if report.class_names:
+        report.class_counts["all"] = counter
+
+
 def _inspect_fonts(report: Report, images: np.ndarray, preview: _Preview) -> None:
     """A fonts file's letters (F, 26, H, W) uint8 as they are on disk, at their own H x W."""
     report.class_names = list(LETTERS)
@@ -258,19 +319,20 @@ def _inspect_loaded(report: Report, cfg: DataConfig, preview: _Preview) -> None:
 
 
 def inspect_source(source: str, *, name: str | None = None, preview: str | Path | None = None, image_size: int | None = None,
-                   per_class: int = 8, limit: int = 0, download: bool = False, class_from: str = "auto") -> Report:
+                   per_class: int = 8, limit: int = 0, download: bool = False, class_from: str = "auto",
+                   image_column: str = "image", label_column: str | None = None) -> Report:
     """Report on SOURCE (see the module docstring); writes the preview grid to `preview` when given."""
+    check_no_credentials(source)
     kind = name or guess_kind(source)
     report = Report(source=source, kind=kind)
     grid = _Preview(per_class)
     size = image_size or 32
     if kind in ("folder", "celebahq"):
-        root = Path(source).expanduser()
-        if not root.is_dir():
-            raise DataError(f"image folder '{root}' does not exist or is not a folder")
-        _inspect_folder(report, root, size, grid, "none" if kind == "celebahq" else class_from)
+        _inspect_folder(report, source, size, grid, "none" if kind == "celebahq" else class_from)
     elif kind == "shards":
         _inspect_shards(report, source, size, grid, limit)
+    elif kind == "parquet":
+        _inspect_parquet(report, source, size, grid, limit, image_column, label_column)
     else:
         path = None if (kind == source and not Path(source).exists()) else source
         fonts = read_fonts_file(source)[0] if kind == "fonts" else None  # (F, 26, H, W)

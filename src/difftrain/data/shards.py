@@ -3,7 +3,7 @@
 A shard is a plain tar file holding, per sample, `KEY.png` (the image) and `KEY.cls` (the
 class index as decimal text), members of one sample next to each other: the layout of
 WebDataset (Aizman et al. 2019), read here with Python's `tarfile` in streaming mode, from
-local paths or http(s) URLs (urllib), so no extra dependency is needed. `write_shards`
+local paths or URLs (data/remote.py: http(s) through urllib with retries, s3:// gs:// hf:// ... through fsspec). `write_shards`
 (shard_writer.py) also writes `shards.json` (class names and per-shard counts) next to the shards.
 Reading checks each shard against it: a truncated shard, fewer samples than the index lists or a
 label outside its classes is a DataError naming the shard (and the sample).
@@ -16,6 +16,9 @@ each shard's samples in a permutation drawn from (seed, epoch, shard position), 
 is fixed by (seed, epoch) whatever the number of worker processes. Worker w decodes the shards
 at positions w, w + W, ...; the DataLoader hands them back round-robin, i.e. in position order.
 The position (epoch, shard, item) restores the order on resume without reading skipped data.
+
+`ShardStream` streams any `StreamSource`: a list of units (here shards; parquet.py: row groups) that
+each read whole into memory; the order and the resume contract above hold for every source.
 """
 
 from __future__ import annotations
@@ -24,14 +27,12 @@ import io
 import json
 import re
 import tarfile
-import urllib.parse
-import urllib.request
 import warnings
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -40,16 +41,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from difftrain.data.folder import DECODE_ERRORS, DataError, read_image
 from difftrain.data.memory import ImageSet, check_batch_size, to_model_range
+from difftrain.data.remote import is_file, is_url, join, list_files, local, open_binary
 from difftrain.data.shard_writer import INDEX_NAME, write_shards  # noqa: F401 (also imported from here)
 
 IMAGE_KEYS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 # --- reading -------------------------------------------------------------------------------
-
-def is_url(spec: str) -> bool:
-    return urllib.parse.urlparse(spec).scheme in ("http", "https")
-
 
 def expand_braces(spec: str) -> list[str]:
     """`a-{000..002}.tar` -> a-000.tar, a-001.tar, a-002.tar (zero padding kept); `{a,b}` lists too."""
@@ -66,16 +64,12 @@ def expand_braces(spec: str) -> list[str]:
     return [x for item in items for x in expand_braces(head + item + tail)]
 
 
-def _open(spec: str) -> IO[bytes]:
-    if is_url(spec):
-        return urllib.request.urlopen(spec, timeout=60)  # noqa: S310 (http/https only, checked above)
-    return open(spec, "rb")
-
-
 def _read_index(spec: str) -> dict:
     try:
-        with _open(spec) as f:
+        with open_binary(spec) as f:
             meta = json.load(f)
+    except DataError:
+        raise
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read the shard index '{spec}': {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != "difftrain-shards":
@@ -89,13 +83,13 @@ def _read_index(spec: str) -> dict:
         raise DataError(f"shard index '{spec}': 'classes' must be a list of distinct class names, got {classes!r:.200}")
     if not shards:
         raise DataError(f"shard index '{spec}' lists no shards")
-    base = spec.rsplit("/", 1)[0] if is_url(spec) else str(Path(spec).parent)
+    base = spec.rsplit("/", 1)[0] if is_url(spec) else str(local(spec).parent)
     for i, s in enumerate(shards):
         if isinstance(s["count"], bool) or s["count"] < 0:
             raise DataError(f"shard index '{spec}': shards[{i}] ('{s['file']}') has the count {s['count']!r}; "
                             f"a count is the number of samples in the shard, an integer >= 0")
         check_shard_file(spec, base, i, s["file"])
-        s["url"] = f"{base}/{s['file']}"
+        s["url"] = join(base, s["file"])
     return meta
 
 
@@ -120,24 +114,30 @@ def resolve_shards(spec: str) -> tuple[list[str], dict | None]:
     """Shard paths/URLs and the index (None when there is none) of a shard source."""
     if not spec:
         raise DataError("data.name=shards needs data.path: a shard folder, a shards.json, a pattern like "
-                        "train-{000000..000009}.tar, or http(s) URLs")
+                        "train-{000000..000009}.tar, or URLs (https://, s3://, gs://, hf://)")
     if spec.endswith(".json"):
         meta = _read_index(spec)
         return [s["url"] for s in meta["shards"]], meta
-    if not is_url(spec) and Path(spec).expanduser().is_dir():
-        root = Path(spec).expanduser()
-        if (root / INDEX_NAME).is_file():
-            meta = _read_index(str(root / INDEX_NAME))
+    if is_shard_folder(spec):
+        if is_file(join(spec, INDEX_NAME)):
+            meta = _read_index(join(spec, INDEX_NAME))
             return [s["url"] for s in meta["shards"]], meta
-        urls = sorted(str(p) for p in root.glob("*.tar"))
+        urls = [join(spec, f) for f in list_files(spec, (".tar",)) if "/" not in f]
         if not urls:
-            raise DataError(f"no .tar shards (and no {INDEX_NAME}) in '{root}'")
+            raise DataError(f"no .tar shards (and no {INDEX_NAME}) in '{spec}'")
         return urls, None
     urls = [u for part in spec.split(",") for u in expand_braces(part.strip())]
-    missing = [u for u in urls if not is_url(u) and not Path(u).is_file()]
+    missing = [u for u in urls if not is_url(u) and not local(u).is_file()]
     if missing:
         raise DataError(f"shard file(s) not found: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
     return urls, None
+
+
+def is_shard_folder(spec: str) -> bool:
+    """Whether a shard source names a folder: a local folder, or a URL that is no file, pattern or list."""
+    if not is_url(spec):
+        return local(spec).is_dir()
+    return not spec.rstrip("/").endswith((".tar", ".json")) and "{" not in spec and "," not in spec
 
 
 def _label(data: bytes, url: str, key: str) -> int:
@@ -152,7 +152,7 @@ def iter_shard(url: str) -> Iterator[tuple[str, bytes | None, int]]:
     naming the shard when it is missing, truncated inside a member or not a tar file."""
     key, image, label = None, None, 0
     try:
-        with _open(url) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        with open_binary(url) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -228,13 +228,35 @@ def _generator(seed: int, *keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(g % (2**63))
 
 
-class _EpochShards(IterableDataset):
-    """One epoch from shard position `start` on: yields (images, labels, unreadable, error) per shard, shuffled.
+class StreamSource(Protocol):
+    """What ShardStream streams: `num_units` units (shards, parquet row groups), each read whole by
+    `read_unit(i)` -> (images (n, C, H, W) uint8, labels (n,), unreadable 'where: error' strings), or a
+    DataError naming the file. It is pickled into DataLoader worker processes."""
 
-    A shard that fails (truncated, a bad label) yields its DataError message as `error`, so a worker
+    class_names: list[str]
+    image_size: int
+    channels: int
+    num_workers: int
+    prefetch: int
+
+    @property
+    def num_units(self) -> int:
+        """How many units an epoch visits."""
+
+    def read_unit(self, i: int) -> tuple[Tensor, Tensor, list[str]]:
+        """Unit i's samples in stored order."""
+
+    def __len__(self) -> int:
+        """Samples in all units (0: unknown until read)."""
+
+
+class _EpochShards(IterableDataset):
+    """One epoch from unit position `start` on: yields (images, labels, unreadable, error) per unit, shuffled.
+
+    A unit that fails (truncated, a bad label) yields its DataError message as `error`, so a worker
     process hands it to the training process, which raises it, instead of a worker traceback."""
 
-    def __init__(self, data: ShardSet, order: list[int], start: int, seed: int, epoch: int):
+    def __init__(self, data: StreamSource, order: list[int], start: int, seed: int, epoch: int):
         self.data, self.order, self.start, self.seed, self.epoch = data, order, start, seed, epoch
 
     def __iter__(self):
@@ -242,11 +264,8 @@ class _EpochShards(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         d = self.data
         for pos in range(self.start + worker, len(self.order), workers):
-            i = self.order[pos]
             try:
-                images, labels, bad = read_shard(d.urls[i], d.image_size, d.channels,
-                                                 d.num_classes if d.counts is not None else None,
-                                                 d.counts[i] if d.counts else None)
+                images, labels, bad = d.read_unit(self.order[pos])
             except DataError as e:
                 yield None, None, [], str(e)
                 return
@@ -274,19 +293,28 @@ class ShardSet:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def num_units(self) -> int:
+        return len(self.urls)
+
+    def read_unit(self, i: int) -> tuple[Tensor, Tensor, list[str]]:
+        return read_shard(self.urls[i], self.image_size, self.channels,
+                          self.num_classes if self.counts is not None else None, self.counts[i] if self.counts else None)
+
     def make_stream(self, batch_size: int, *, seed: int = 0, random_flip: bool = False,
                     device: torch.device | str = "cpu") -> ShardStream:
         return ShardStream(self, batch_size, seed=seed, random_flip=random_flip, device=device)
 
 
 class ShardStream:
-    """Endless batches from a ShardSet with BatchStream's interface: next(), state_dict(), load_state_dict().
+    """Endless batches from a StreamSource (a ShardSet, a parquet.ParquetSet) with BatchStream's interface:
+    next(), state_dict(), load_state_dict().
 
-    Worker processes (data.num_workers) decode whole shards ahead of use, data.prefetch
-    shards each; batches are cut in the main process and may span shards and epochs.
+    Worker processes (data.num_workers) decode whole units ahead of use, data.prefetch
+    units each; batches are cut in the main process and may span units and epochs.
     """
 
-    def __init__(self, data: ShardSet, batch_size: int, *, seed: int = 0, random_flip: bool = False,
+    def __init__(self, data: StreamSource, batch_size: int, *, seed: int = 0, random_flip: bool = False,
                  device: torch.device | str = "cpu"):
         check_batch_size(batch_size, len(data))  # len 0: unknown without an index
         self.data, self.batch_size, self.seed = data, batch_size, seed
@@ -304,7 +332,7 @@ class ShardStream:
         self._it, self._current = None, None
 
     def _start_epoch(self) -> None:
-        n = len(self.data.urls)
+        n = self.data.num_units
         order = torch.randperm(n, generator=_generator(self.seed, self.epoch)).tolist()
         ds = _EpochShards(self.data, order, self.shard, self.seed, self.epoch)
         workers = min(self.data.num_workers, max(1, n - self.shard))
@@ -327,7 +355,7 @@ class ShardStream:
             if bad:
                 warnings.warn(f"skipped {len(bad)} unreadable sample(s): {', '.join(bad[:3])}")
             return images, labels
-        raise DataError(f"the shards {self.data.urls[:2]}... hold no readable samples")
+        raise DataError(f"the {self.data.num_units} units of the training data hold no readable samples")
 
     def next(self) -> tuple[Tensor, Tensor]:
         """(images in [-1, 1] float32 (B, C, H, W), labels (B,)) on the stream's device."""
@@ -343,7 +371,7 @@ class ShardStream:
             if self.item == len(labels):
                 self.shard, self.item, self._current = self.shard + 1, 0, None
                 empty = empty + 1 if take == 0 else 0
-                if empty > len(self.data.urls):
+                if empty > self.data.num_units:
                     raise DataError("the shards hold no readable samples")
         x = to_model_range(torch.cat(xs).to(self.device, non_blocking=True))
         if self.random_flip:
