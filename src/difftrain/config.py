@@ -10,6 +10,7 @@ run directory is self-describing.
 
 from __future__ import annotations
 
+import copy as _copy
 import dataclasses
 import difflib
 import typing
@@ -23,8 +24,23 @@ import yaml
 from difftrain.config_checks import ConfigError, coerce, validate  # noqa: F401 (ConfigError is imported from here)
 
 
+class Section:
+    """A config section; once `freeze` has run on its config, assigning a field raises FrozenInstanceError.
+
+    The flag lives in the instance's __dict__ (not a field): to_dict / to_yaml / == ignore it and
+    copy.deepcopy keeps it, so a copy of a resolved config is frozen too (`thaw` makes a writable one).
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_frozen", False):
+            raise dataclasses.FrozenInstanceError(
+                f"cannot set {type(self).__name__}.{name}: the config is resolved (frozen); resolve a new one "
+                f"(training/resolve.py) instead of completing it in place")
+        super().__setattr__(name, value)
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     name: str = "adm_unet"
     model_channels: int = 64
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
@@ -64,7 +80,7 @@ class ModelConfig:
 
 
 @dataclass
-class DiffusionConfig:
+class DiffusionConfig(Section):
     process: str = "ddpm"  # ddpm | flow | edm
     timesteps: int = 1000  # flow: the model sees t = sigma * timesteps (diffusers' num_train_timesteps)
     schedule: str = "linear"  # linear | sqrt_linear | cosine
@@ -96,7 +112,7 @@ class DiffusionConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     name: str = "digits"  # digits | folder | mnist | fashion_mnist | cifar10 | cifar100 | celebahq | fonts | shards
     path: str | None = None  # folder / file / shard source of the data set (see README "Data")
     image_size: int = 8
@@ -119,7 +135,7 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
     steps: int = 1000
     budget: str = ""  # replaces steps: wall time (30s, 10m, 2h; lr decay ends there) or images (2M_images); "": off
     batch_size: int = 128
@@ -173,7 +189,7 @@ class TrainConfig:
 
 
 @dataclass
-class SampleConfig:
+class SampleConfig(Section):
     """Defaults for sample grids written during training and by `difftrain sample`."""
 
     sampler: str = "ddim"  # ddpm | ddim | euler | heun | dpmpp-2m | dpmpp-2m-sde (process ddpm); euler | heun (process flow)
@@ -189,7 +205,7 @@ class SampleConfig:
 
 
 @dataclass
-class AutoencoderConfig:
+class AutoencoderConfig(Section):
     """First stage of latent diffusion (LDM / taming names). kind=none: the run trains a diffusion model."""
 
     kind: str = "none"  # none | vq | kl: vq / kl make the run train this autoencoder instead of a diffusion model
@@ -220,7 +236,7 @@ class AutoencoderConfig:
 
 
 @dataclass
-class LatentConfig:
+class LatentConfig(Section):
     """Latent diffusion: train the diffusion model on a first stage's latents and decode its samples."""
 
     first_stage: str | None = None  # difftrain autoencoder run dir, or a diffusers AutoencoderKL / VQModel directory
@@ -233,7 +249,7 @@ class LatentConfig:
 
 
 @dataclass
-class Config:
+class Config(Section):
     run_dir: str = "runs/default"
     recipe: str = ""  # the recipe this config was built from (informational)
     description: str = ""
@@ -380,6 +396,29 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...
     for text in overrides:
         set_key(cfg, *parse_override(text))
     return validate(cfg)
+
+
+def _sections(cfg: Config) -> list[Section]:
+    return [cfg, *(getattr(cfg, f.name) for f in dataclasses.fields(cfg) if isinstance(getattr(cfg, f.name), Section))]
+
+
+def freeze(cfg: Config) -> Config:
+    """Make `cfg` and its sections read-only (assignment raises FrozenInstanceError); returns it."""
+    for section in _sections(cfg):
+        object.__setattr__(section, "_frozen", True)
+    return cfg
+
+
+def is_frozen(cfg: Config) -> bool:
+    return bool(cfg.__dict__.get("_frozen", False))
+
+
+def thaw(cfg: Config) -> Config:
+    """A writable deep copy of `cfg` (frozen or not); `cfg` itself is left as it is."""
+    copy = _copy.deepcopy(cfg)
+    for section in _sections(copy):
+        object.__setattr__(section, "_frozen", False)
+    return copy
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

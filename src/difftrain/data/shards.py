@@ -39,7 +39,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from difftrain.data.folder import DECODE_ERRORS, DataError, read_image
-from difftrain.data.memory import ImageSet, check_batch_size, to_model_range
+from difftrain.data.memory import ImageSet, check_batch_size
+from difftrain.data.transform import DataTransform
 from difftrain.data.shard_writer import INDEX_NAME, write_shards  # noqa: F401 (also imported from here)
 
 IMAGE_KEYS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -275,8 +276,8 @@ class ShardSet:
         return len(self.class_names)
 
     def make_stream(self, batch_size: int, *, seed: int = 0, random_flip: bool = False,
-                    device: torch.device | str = "cpu") -> ShardStream:
-        return ShardStream(self, batch_size, seed=seed, random_flip=random_flip, device=device)
+                    device: torch.device | str = "cpu", transform: DataTransform = DataTransform()) -> ShardStream:
+        return ShardStream(self, batch_size, seed=seed, random_flip=random_flip, device=device, transform=transform)
 
 
 class ShardStream:
@@ -287,10 +288,10 @@ class ShardStream:
     """
 
     def __init__(self, data: ShardSet, batch_size: int, *, seed: int = 0, random_flip: bool = False,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", transform: DataTransform = DataTransform()):
         check_batch_size(batch_size, len(data))  # len 0: unknown without an index
         self.data, self.batch_size, self.seed = data, batch_size, seed
-        self.random_flip, self.device = random_flip, torch.device(device)
+        self.random_flip, self.device, self.transform = random_flip, torch.device(device), transform
         self.epoch, self.offset, self.shard, self.item = 0, 0, 0, 0
         self._it: Iterator | None = None
         self._current: tuple[Tensor, Tensor] | None = None
@@ -345,7 +346,7 @@ class ShardStream:
                 empty = empty + 1 if take == 0 else 0
                 if empty > len(self.data.urls):
                     raise DataError("the shards hold no readable samples")
-        x = to_model_range(torch.cat(xs).to(self.device, non_blocking=True))
+        x = self.transform.to_model(torch.cat(xs).to(self.device, non_blocking=True))
         if self.random_flip:
             flip = torch.rand(len(x), generator=_generator(self.seed, self.epoch * 7 + self.offset)) < 0.5
             x = torch.where(flip.to(self.device)[:, None, None, None], x.flip(-1), x)

@@ -42,7 +42,7 @@ from difftrain.checkpoint import (
     save_checkpoint,
 )
 from difftrain.config import Config, ConfigError
-from difftrain.data import BatchStream
+from difftrain.data import data_transform, make_stream
 from difftrain.report.run_info import write_run_info
 from difftrain.training import distributed
 from difftrain.training.budget import Budget
@@ -51,6 +51,7 @@ from difftrain.training.evaluate import Evaluator
 from difftrain.training.metrics import MetricsLog
 from difftrain.training.options import check_train_config, train_device
 from difftrain.training.phema import posthoc_ema, set_aside_later_snapshots
+from difftrain.training.resolve import resolve
 from difftrain.training.rundir import (
     RunLock,
     check_config_change,
@@ -74,7 +75,6 @@ class Engine:
     """One run of a task (named, or the one `cfg` selects); `run()` trains to cfg.train.steps."""
 
     def __init__(self, cfg: Config, task: str | None = None):
-        self.cfg = cfg
         name = task or task_for(cfg)
         task_class = TASKS[name]
         if not task_class.distributed and distributed.world_from_env().active:
@@ -84,18 +84,21 @@ class Engine:
         check_train_config(cfg.train, device)
         # Under torchrun: join the process group; a CUDA rank takes cuda:LOCAL_RANK. Alone: World() of size 1.
         self.world, self.device = distributed.setup(device)
-        self.budget = Budget(cfg, self.world, self.device)  # train.steps, or train.budget (images: sets train.steps)
         seed_everything(cfg.train.seed)
+        data = task_class.load_data(cfg, self.world, self.device)
+        # the one resolution (training/resolve.py): a new, frozen config; `cfg` itself is left as it was
+        self.cfg = cfg = resolve(cfg, data, self.world.size)
+        self.budget = Budget(cfg, self.world, self.device)  # train.steps, or train.budget's clock
         # resuming: the checkpoint's weights win, so model.init_from is not read (its file may have moved since)
-        self.task = task_class(cfg, self.world, self.device, resuming=will_resume(cfg))
+        self.task = task_class(cfg, data, self.world, self.device, resuming=will_resume(cfg))
         # train.posthoc_ema: power EMAs of task.model, on rank 0 (it alone writes their snapshots)
         self.phema = posthoc_ema(self.task.model, cfg.train, cfg.to_yaml()) if self.world.main else None
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.evaluator = Evaluator(cfg, self.task, self.world, self.device, self.run_dir)  # train.eval_every
         # Every rank reads the same global batch (batch_size x world size); the task trains on its own slice.
-        self.stream = BatchStream(self.task.data.train, cfg.train.batch_size * self.world.size, seed=cfg.train.seed,
-                                  random_flip=cfg.data.random_flip, device=self.device)
+        self.stream = make_stream(self.task.data.train, cfg.train.batch_size * self.world.size, seed=cfg.train.seed,
+                                  random_flip=cfg.data.random_flip, device=self.device, transform=data_transform(cfg))
         self.step, self.skipped, self.nonfinite_run = 0, 0, 0
         self.stop_signals: StopSignals | None = None  # set by run(); the step shares its flag with all ranks
         self.stop_agreed: str | None = None  # DDP: a stop signal reached some rank (all ranks agree each step)
@@ -308,7 +311,7 @@ class Engine:
             log = MetricsLog(self.run_dir, cfg.train.tensorboard, cfg.train.wandb, cfg.to_dict())
         distributed.print_main(world, self.task.summary(self.run_dir))
         if self.phema is not None:
-            print(self.phema.describe(self.run_dir, cfg.train.steps), file=sys.stderr)
+            print(self.phema.describe(self.run_dir, self.budget.steps), file=sys.stderr)
         if world.active:
             distributed.print_main(world, distributed.describe(world, cfg.train.batch_size, cfg.train.microbatch))
         return log
@@ -334,7 +337,7 @@ class Engine:
         """Last validation and checkpoint; rank 0 draws the final grids and exports the weights (last: their
         presence marks a finished run), then prints the summary."""
         if self.cfg.train.val_every and log is not None:
-            log.log(self.step, **self.task.validate(self.step))
+            log.log(self.step, **self.task.validate(self.step, final=True))
         path = self.save()
         if self.cfg.train.eval_every:
             self.evaluator.evaluate(self.step, log, self.state_dict)

@@ -45,9 +45,10 @@ class Window(Protocol):
 
 
 class Task(Protocol):
-    """One kind of training. Built as `Task(cfg, world, device, resuming=...)` after the engine has joined the process
-    group and seeded the RNGs; it loads its data and resolves the config keys that depend on it. `resuming`: a
-    checkpoint will replace its weights (so model.init_from is not read)."""
+    """One kind of training. The engine joins the process group, seeds the RNGs, calls `Task.load_data(cfg, world,
+    device)`, resolves the config with that data (training/resolve.py: a new, frozen config) and builds
+    `Task(resolved_cfg, data, world, device, resuming=...)`. `resuming`: a checkpoint will replace its weights
+    (so model.init_from is not read)."""
 
     distributed: bool  # False: the engine refuses to run it under torchrun
     data: Splits  # the engine batches data.train (images or latents) with a BatchStream
@@ -59,6 +60,10 @@ class Task(Protocol):
     def selected_by(cfg: Config) -> bool:
         """Whether `cfg` asks for this task (train(cfg) takes the one registered task that answers yes)."""
 
+    @staticmethod
+    def load_data(cfg: Config, world: Any, device: torch.device) -> Splits:
+        """The task's data for the user config `cfg` (only read; what the data gives is in the splits' `resolved`)."""
+
     def step(self, batch: tuple[Tensor, Tensor], lr: float, step: int, stop_requested: bool) -> StepResult:
         """One optimizer step (0-based `step`) on the global batch; EMAs and `window` updated when finite."""
 
@@ -67,8 +72,9 @@ class Task(Protocol):
 
     def load_state_dict(self, state: dict[str, Any], source: str) -> None: ...
 
-    def validate(self, step: int) -> dict[str, float]:
-        """Held-out metrics to log (empty without a held-out split); runs under a forked RNG."""
+    def validate(self, step: int, final: bool = False) -> dict[str, float]:
+        """Held-out metrics to log (empty without a held-out split); runs under a forked RNG. `final`: the end of
+        the run (the last step of train.steps or of the budget)."""
 
     def write_grid(self, path: Path, model: nn.Module, log: MetricsLog | None, tag: str, step: int) -> Path:
         """A PNG of `model`'s output at `path` (and in TensorBoard under `tag`)."""
