@@ -153,3 +153,13 @@ def test_shards_stream_through_the_transform(tmp_path):
     plain, norm = make_stream(sh, 3, seed=1), make_stream(sh, 3, seed=1, transform=DataTransform(0.0, 0.5))
     assert type(norm) is ShardStream
     assert torch.equal(plain.next()[0] / 0.5, norm.next()[0])
+
+
+def test_dry_run_of_data_it_cannot_read_prints_the_config_as_given_and_downloads_nothing(capsys, tmp_path):
+    missing = tmp_path / "mnist"
+    assert cli.main(["train", "mnist", f"data.path={missing}", "data.download=true", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "# no memory estimate: the data set cannot be read here" in out and "not filled in" in out
+    stored = yaml.safe_load(out)
+    assert stored["data"]["download"] is True and stored["model"]["in_channels"] is None  # as given
+    assert not missing.exists()  # a dry run never downloads
