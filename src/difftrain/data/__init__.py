@@ -1,5 +1,6 @@
 """Data sources. Each loader returns `Splits` of uint8 image tensors (or a streamed ShardSet for training);
-`make_stream` batches them (through the run's DataTransform). `DATASETS` maps data.name to loaders; see README "Data" for each source."""
+`make_stream` batches them (through the run's DataTransform). `DATASETS` maps data.name to loaders; see README
+"Data" for each source."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from difftrain.data.memory import BatchStream, ImageSet, Splits
 from difftrain.data.mnist import load_mnist_splits
 from difftrain.data.normalize import apply_extras
 from difftrain.data.shards import ShardSet, ShardStream, load_shard_set, load_shards_in_memory
-from difftrain.data.transform import DataTransform, data_transform, to_model_range, to_uint8
+from difftrain.data.transform import PLAIN, DataTransform, data_transform, to_model_range, to_uint8
 from difftrain.registry import Registry
 
 DATASETS: Registry = Registry("data set")
@@ -94,7 +95,7 @@ def load_data(cfg: DataConfig) -> Splits:
     return splits
 
 
-def make_stream(data: ImageSet | ShardSet, batch_size: int, *, transform: DataTransform = DataTransform(),
+def make_stream(data: ImageSet | ShardSet, batch_size: int, *, transform: DataTransform = PLAIN,
                 seed: int = 0, random_flip: bool = False,
                 device: torch.device | str = "cpu") -> BatchStream | ShardStream:
     """The endless batch stream of a training split: a ShardStream for streamed shards, else a BatchStream

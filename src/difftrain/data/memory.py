@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from difftrain.config import ConfigError
-from difftrain.data.transform import DataTransform, to_model_range, to_uint8  # noqa: F401 (imported from here)
+from difftrain.data.transform import PLAIN, DataTransform, to_model_range, to_uint8  # noqa: F401 (imported from here)
 
 
 @dataclass
@@ -94,7 +94,7 @@ class BatchStream:
     """
 
     def __init__(self, data: ImageSet, batch_size: int, *, seed: int = 0, random_flip: bool = False,
-                 device: torch.device | str = "cpu", transform: DataTransform = DataTransform()):
+                 device: torch.device | str = "cpu", transform: DataTransform = PLAIN):
         if len(data) == 0:
             raise ValueError("the training split is empty")
         check_batch_size(batch_size, len(data))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
+
 from difftrain.config import ConfigError
 from difftrain.data.memory import ImageSet, Splits
 from difftrain.data.transform import NORMALIZATIONS

@@ -40,8 +40,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from difftrain.data.folder import DECODE_ERRORS, DataError, read_image
 from difftrain.data.memory import ImageSet, check_batch_size
-from difftrain.data.transform import DataTransform
 from difftrain.data.shard_writer import INDEX_NAME, write_shards  # noqa: F401 (also imported from here)
+from difftrain.data.transform import PLAIN, DataTransform
 
 IMAGE_KEYS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -276,7 +276,7 @@ class ShardSet:
         return len(self.class_names)
 
     def make_stream(self, batch_size: int, *, seed: int = 0, random_flip: bool = False,
-                    device: torch.device | str = "cpu", transform: DataTransform = DataTransform()) -> ShardStream:
+                    device: torch.device | str = "cpu", transform: DataTransform = PLAIN) -> ShardStream:
         return ShardStream(self, batch_size, seed=seed, random_flip=random_flip, device=device, transform=transform)
 
 
@@ -288,7 +288,7 @@ class ShardStream:
     """
 
     def __init__(self, data: ShardSet, batch_size: int, *, seed: int = 0, random_flip: bool = False,
-                 device: torch.device | str = "cpu", transform: DataTransform = DataTransform()):
+                 device: torch.device | str = "cpu", transform: DataTransform = PLAIN):
         check_batch_size(batch_size, len(data))  # len 0: unknown without an index
         self.data, self.batch_size, self.seed = data, batch_size, seed
         self.random_flip, self.device, self.transform = random_flip, torch.device(device), transform

@@ -59,6 +59,9 @@ class DataTransform:
         return x if self.mean is None else x * self.std + self.mean
 
 
+PLAIN = DataTransform()  # uint8 images to [-1, 1] and back: data.normalize=none, no first stage
+
+
 def data_transform(cfg: Config) -> DataTransform:
     """The transform of a resolved config (a run's config.yaml or checkpoint); a ConfigError when the values it
     needs were never resolved."""
@@ -70,11 +73,11 @@ def data_transform(cfg: Config) -> DataTransform:
             raise ConfigError("latent.scale_factor is not set (it is filled from the data when the run trains)")
         return DataTransform(scale=cfg.latent.scale_factor)
     if d.normalize == "none":
-        return DataTransform()
+        return PLAIN
     if d.mean is None or d.std is None:
         raise ConfigError("data.normalize=unit_variance but data.mean / data.std are not set (they are filled from "
                           "the training split when the run trains)")
     return DataTransform(mean=d.mean, std=d.std)
 
 
-__all__ = ["NORMALIZATIONS", "DataTransform", "data_transform", "to_model_range", "to_uint8"]
+__all__ = ["NORMALIZATIONS", "PLAIN", "DataTransform", "data_transform", "to_model_range", "to_uint8"]

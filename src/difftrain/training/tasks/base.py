@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from difftrain.config import Config
 from difftrain.data import Splits
+from difftrain.training.distributed import World
 from difftrain.training.ema import EMA
 from difftrain.training.metrics import MetricsLog
 
@@ -61,7 +62,7 @@ class Task(Protocol):
         """Whether `cfg` asks for this task (train(cfg) takes the one registered task that answers yes)."""
 
     @staticmethod
-    def load_data(cfg: Config, world: Any, device: torch.device) -> Splits:
+    def load_data(cfg: Config, world: World, device: torch.device) -> Splits:
         """The task's data for the user config `cfg` (only read; what the data gives is in the splits' `resolved`)."""
 
     def step(self, batch: tuple[Tensor, Tensor], lr: float, step: int, stop_requested: bool) -> StepResult:
