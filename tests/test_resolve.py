@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from difftrain import cli
-from difftrain.config import ConfigError, load_config
+from difftrain.config import ConfigError, is_frozen, load_config
 from difftrain.data import BatchStream, DataTransform, ImageSet, Splits, data_transform, load_data, make_stream
 from difftrain.data.latents import LatentSet
 from difftrain.data.shards import ShardStream
@@ -49,6 +49,9 @@ def test_resolve_returns_a_new_frozen_complete_config_and_leaves_its_input_alone
         with pytest.raises(dataclasses.FrozenInstanceError, match="resolved"):
             setattr(section, key, getattr(section, key))
     assert data_transform(out) == DataTransform(mean=-0.25, std=0.5)
+    assert is_frozen(out) and not is_frozen(cfg)
+    again = resolve(out, _splits(resolved={"data.mean": -0.25, "data.std": 0.5}), world_size=2)
+    assert again == out and again is not out  # a resolved config resolves to itself (through a writable copy)
 
 
 def test_resolve_refuses_what_contradicts_the_data():

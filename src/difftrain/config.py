@@ -5,7 +5,8 @@ in `difftrain/recipes/` or any path), then `section.key=value` overrides from th
 line. Every value is checked against the field's declared type, and the built config
 against the ranges in config_checks.py; an unknown key is an error naming the closest valid
 key. The resolved config is written next to the run and stored inside every checkpoint, so a
-run directory is self-describing.
+run directory is self-describing. Resolution (training/resolve.py) returns a new config and freezes
+it (`freeze`: assigning a key of a frozen config raises FrozenInstanceError; `thaw`: a writable copy).
 """
 
 from __future__ import annotations
