@@ -100,7 +100,8 @@ def test_a_time_budget_stops_at_the_first_step_boundary_after_it(tmp_path):
     lrs = [lr for _, _, lr in clock[2:]]  # after the warm-up, the cosine decays with the time used
     assert all(a >= b for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 0.5 * tr.cfg.train.lr
     state = final_state(tmp_path)
-    assert state["step"] == tr.step and state["elapsed"] >= 3 and state["config"]["train"]["steps"] == tr.step
+    # the step reached is a run-time value (the Budget's), not config: the stored config keeps train.steps=2
+    assert state["step"] == tr.step == tr.budget.steps and state["elapsed"] >= 3 and state["config"]["train"]["steps"] == 2
     assert (tmp_path / "weights.safetensors").is_file() and (tmp_path / "samples" / "final.png").is_file()
     assert read_metrics(tmp_path)[-1]["step"] == tr.step  # the last step has its log line
 
@@ -142,14 +143,18 @@ def test_an_old_checkpoint_without_elapsed_counts_zero(tmp_path):
 def test_an_image_budget_counts_the_images_seen_when_the_batch_changes_on_resume(tmp_path):
     """96 images: 4 steps of 8 (32 images), then batch 16 trains the 64 left in 4 steps (to step 8), not to step
     ceil(96 / 16) = 6 (64 images in all) as step x the current batch had it."""
-    first = make_trainer(tmp_path, "train.budget=96_images", "train.checkpoint_every=2")
+    first = make_trainer(tmp_path, "train.budget=96_images", "train.checkpoint_every=2", "train.lr_schedule=cosine")
     stop_after(first, 4)
     first.run()
     assert first.step == 4 and load_checkpoint(list_checkpoints(tmp_path / "checkpoints")[-1])["images_seen"] == 32
-    second = make_trainer(tmp_path, "train.budget=96_images", "train.batch_size=16", "train.checkpoint_every=2")
+    second = make_trainer(tmp_path, "train.budget=96_images", "train.batch_size=16", "train.checkpoint_every=2",
+                          "train.lr_schedule=cosine")
     second.run()
     state = final_state(tmp_path)
     assert second.step == state["step"] == 8 and state["images_seen"] == 96
+    # the step target is the Budget's (run time), never written into the resolved config: ceil(96 / 16) = 6 there
+    assert second.budget.steps == 8 and second.cfg.train.steps == state["config"]["train"]["steps"] == 6
+    assert second.budget.last_lr == lr_at(7, second.cfg, steps=8) > 0 == lr_at(7, second.cfg)  # decays over 8 steps
     rows = [r for r in read_metrics(tmp_path) if "loss" in r]
     assert [(r["step"], r["images_seen"]) for r in rows] == [(3, 24), (6, 64), (8, 96)]  # log_every=3
     assert "96" in (tmp_path / "report.html").read_text().split("images seen", 1)[1][:80]

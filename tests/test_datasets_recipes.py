@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import yaml
 
 from difftrain.config import load_config
 from difftrain.training import train
@@ -38,4 +39,5 @@ def test_recipe_trains_a_few_steps(recipe, tmp_path):
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("val_loss" in line for line in lines), lines
     assert (run / "samples" / "final.png").is_file() and (run / "weights-ema.safetensors").is_file()
-    assert cfg.model.num_classes == (10 if recipe.startswith("cifar10") else 26)
+    stored = yaml.safe_load((run / "config.yaml").read_text())  # the resolved config; `cfg` stays as given
+    assert stored["model"]["num_classes"] == (10 if recipe.startswith("cifar10") else 26) and cfg.model.num_classes is None

@@ -8,7 +8,7 @@ from PIL import Image
 
 from difftrain.cli import main
 from difftrain.config import DataConfig
-from difftrain.data import BatchStream, DataError, load_data
+from difftrain.data import DataError, load_data, make_stream
 from difftrain.data.shards import ShardStream, expand_braces, load_shard_set, read_shard, write_shards
 
 
@@ -51,19 +51,19 @@ def test_shards_are_webdataset_tars_and_round_trip(shards):
 def test_stream_is_an_epoch_permutation_fixed_by_seed_and_resumable(shards):
     data = load_data(DataConfig(name="shards", path=str(shards), image_size=8))
     assert data.num_classes == 2 and data.channels == 3 and data.image_size == 8 and len(data.train) == 10
-    stream = BatchStream(data.train, 4, seed=3)
+    stream = make_stream(data.train, 4, seed=3)
     assert isinstance(stream, ShardStream)
     seen = [v for _ in range(5) for v in value_of(stream.next()[0])]  # 20 = two epochs
     assert sorted(seen[:10]) == sorted(seen[10:]) == [10 * i for i in range(10)]
     assert seen[:10] != seen[10:]  # another permutation in epoch 1
-    again = BatchStream(data.train, 4, seed=3)
+    again = make_stream(data.train, 4, seed=3)
     assert [v for _ in range(5) for v in value_of(again.next()[0])] == seen
     # Resume mid-epoch, mid-shard.
-    a = BatchStream(data.train, 3, seed=5)
+    a = make_stream(data.train, 3, seed=5)
     a.next(), a.next()
     state = a.state_dict()
     expected = [value_of(a.next()[0]) for _ in range(4)]
-    b = BatchStream(data.train, 3, seed=5)
+    b = make_stream(data.train, 3, seed=5)
     b.load_state_dict(state)
     assert [value_of(b.next()[0]) for _ in range(4)] == expected
 
@@ -179,11 +179,11 @@ def test_an_index_without_classes_over_labelled_shards_is_an_error(shards):
     data = load_data(DataConfig(name="shards", path=str(shards), image_size=8))
     assert data.num_classes == 0
     with pytest.raises(DataError, match=r"has the label 1, but shards.json lists no classes \(\"classes\": \[\]"):
-        stream = BatchStream(data.train, 10, seed=0)
+        stream = make_stream(data.train, 10, seed=0)
         stream.next()
     write_shards(shards.parent / "imgs", shards.parent / "plain", 4, class_from="none")
     plain = load_data(DataConfig(name="shards", path=str(shards.parent / "plain"), image_size=8))
-    x, y = BatchStream(plain.train, 10, seed=0).next()
+    x, y = make_stream(plain.train, 10, seed=0).next()
     assert plain.num_classes == 0 and y.tolist() == [0] * 10
 
 

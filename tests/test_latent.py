@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from difftrain.config import ConfigError, load_config
-from difftrain.data import DataError, load_data
+from difftrain.data import DataError, DataTransform, load_data, make_stream
 from difftrain.latent import encode_images, latent_splits, load_first_stage
 from tests.conftest import run_cli
 
@@ -75,19 +75,22 @@ def test_latent_cache_written_once_and_reused_with_flips(diffusers_kl, tmp_path,
     n = len(splits.train)
     assert len(a.train) == 2 * n and a.train.images.shape[1:] == (2, 4, 4)  # each image and its mirror image
     assert torch.equal(a.train.labels[:n], a.train.labels[n:])
-    assert float(a.train.images[:n].std()) == pytest.approx(1.0, rel=1e-4)  # scale_by_std
+    scale = a.resolved["latent.scale_factor"]  # for resolve: the config itself is not written
+    assert cfg.latent.scale_factor is None and a.resolved["latent.first_stage"] == str(diffusers_kl.resolve())
+    assert float((a.train.images[:n] * scale).std()) == pytest.approx(1.0, rel=1e-4)  # scale_by_std
     stage = load_first_stage(diffusers_kl)
     mirrored = encode_images(stage, splits.train.images[:2], flip=True)
-    assert torch.allclose(a.train.images[n : n + 2], mirrored * cfg.latent.scale_factor, atol=1e-5)
+    assert torch.allclose(a.train.images[n : n + 2], mirrored, atol=1e-5)  # stored unscaled
     assert "cached the latents" in capsys.readouterr().err
     stamp = cache.stat().st_mtime_ns
 
     cfg2 = load_config("digits-ldm", over)
     b = latent_splits(cfg2, load_data(cfg2.data))
     assert "read from the cache" in capsys.readouterr().err and cache.stat().st_mtime_ns == stamp
-    assert torch.equal(a.train.images, b.train.images) and cfg2.latent.scale_factor == pytest.approx(cfg.latent.scale_factor)
-    stream = b.train.make_stream(8, seed=0, random_flip=True)
+    assert torch.equal(a.train.images, b.train.images) and b.resolved["latent.scale_factor"] == scale
+    stream = make_stream(b.train, 8, seed=0, random_flip=True, transform=DataTransform(scale=scale))
     assert not stream.random_flip  # latents are never flipped on the fly
+    assert torch.equal(stream.next()[0], b.train.images[stream._perm[:8]] * scale)  # scaled as they are batched
 
     cfg3 = load_config("digits-ldm", [*over, "data.split_seed=1"])  # another data config: another key
     latent_splits(cfg3, load_data(cfg3.data))

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from difftrain.config import Config, ConfigError, DataConfig
-from difftrain.data import BatchStream, DataError, load_data
+from difftrain.data import DataError, DataTransform, load_data, make_stream
 from difftrain.data.mnist import FILES, read_idx
+from difftrain.training.resolve import resolve
 
 
 def write_idx(path, array: np.ndarray, compress: bool) -> None:
@@ -94,17 +95,19 @@ def test_black_white_and_unit_variance(tmp_path):
     images, labels = splits.train.images, splits.train.labels
     assert int(images[-6:-3].max()) == 0 and int(images[-3:].min()) == 255
     assert labels[-6:].tolist() == [10] * 6  # the null class
-    assert cfg.data.mean is not None and cfg.data.std is not None  # resolved, so stored with the run
-    x, y = BatchStream(splits.train, 26).next()  # one epoch in one batch
+    assert cfg.data.mean is None and cfg.data.std is None  # only read: resolve stores the statistics with the run
+    mean, std = splits.resolved["data.mean"], splits.resolved["data.std"]
+    x, y = make_stream(splits.train, 26, transform=DataTransform(mean, std)).next()  # one epoch in one batch
     assert abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1) < 1e-3
-    assert "std:" in cfg.to_yaml()
+    assert "std: 0." in resolve(cfg, splits).to_yaml()
 
 
 def test_given_stats_are_kept_and_bad_option_is_explained(tmp_path):
     write_mnist(tmp_path)
     cfg = DataConfig(name="mnist", path=str(tmp_path), image_size=28, normalize="unit_variance", mean=0.0, std=0.5)
-    x, _ = BatchStream(load_data(cfg).train, 4).next()
-    assert (cfg.mean, cfg.std) == (0.0, 0.5) and float(x.abs().max()) <= 2.0 + 1e-6
+    splits = load_data(cfg)
+    x, _ = make_stream(splits.train, 4, transform=DataTransform(0.0, 0.5)).next()
+    assert (splits.resolved["data.mean"], splits.resolved["data.std"]) == (0.0, 0.5) and float(x.abs().max()) <= 2.0 + 1e-6
     with pytest.raises(ConfigError, match="none, unit_variance"):
         load_data(DataConfig(name="mnist", path=str(tmp_path), image_size=28, normalize="zscore"))
 

@@ -428,12 +428,12 @@ def test_saved_activations_are_counted_once_each_without_the_weights():
 
 def test_the_dry_run_states_a_memory_estimate(capsys):
     from difftrain.models import build_model
-    from difftrain.training.options import resolve_config
+    from difftrain.training.resolve import resolve
 
     rc, out, _ = cli(capsys, "train", "digits", "train.batch_size=64", "train.ema_rates=[0.9,0.99]", "--dry-run")
     cfg = load_config("digits", ["train.batch_size=64"])
     splits = load_data(cfg.data)
-    params = sum(p.numel() for p in build_model(resolve_config(cfg, splits).model).parameters())
+    params = sum(p.numel() for p in build_model(resolve(cfg, splits).model).parameters())
     lines = [ln for ln in out.splitlines() if ln.startswith("#")]
     assert rc == 0 and lines[0].startswith("# memory estimate per device: ") and "an estimate" in lines[-1]
     assert f"({len(splits.train)} training images in memory)" in out

@@ -61,11 +61,14 @@ def parse_classes(text: str, num_classes: int) -> list[int] | None:
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides)
     if args.dry_run:
+        from difftrain.training.resolve import resolve_for_dry_run
         from difftrain.training.resources import MemoryEstimate, estimate_memory
         from difftrain.training.tasks import resolve_task
 
         resolve_task(cfg)  # train.task as training resolves it: auto -> the name; a wrong one is refused here too
-        estimate = estimate_memory(cfg)  # also refuses a batch larger than the training split
+        # the config the run writes to config.yaml (also refuses a batch larger than the training split)
+        cfg, data, unread = resolve_for_dry_run(cfg)
+        estimate = f"no memory estimate: {unread}" if data is None else estimate_memory(cfg, data)
         print(cfg.to_yaml(), end="")
         # YAML comments: the output stays a valid config
         print(estimate.describe() if isinstance(estimate, MemoryEstimate) else f"# {estimate}")

@@ -5,11 +5,13 @@ in `difftrain/recipes/` or any path), then `section.key=value` overrides from th
 line. Every value is checked against the field's declared type, and the built config
 against the ranges in config_checks.py; an unknown key is an error naming the closest valid
 key. The resolved config is written next to the run and stored inside every checkpoint, so a
-run directory is self-describing.
+run directory is self-describing. Resolution (training/resolve.py) returns a new config and freezes
+it (`freeze`: assigning a key of a frozen config raises FrozenInstanceError; `thaw`: a writable copy).
 """
 
 from __future__ import annotations
 
+import copy as _copy
 import dataclasses
 import difflib
 import typing
@@ -24,8 +26,23 @@ from difftrain.config_checks import ConfigError, coerce, validate  # noqa: F401 
 from difftrain.safe_yaml import YAMLLimitError, load_yaml, read_yaml_text
 
 
+class Section:
+    """A config section; once `freeze` has run on its config, assigning a field raises FrozenInstanceError.
+
+    The flag lives in the instance's __dict__ (not a field): to_dict / to_yaml / == ignore it and
+    copy.deepcopy keeps it, so a copy of a resolved config is frozen too (`thaw` makes a writable one).
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_frozen", False):
+            raise dataclasses.FrozenInstanceError(
+                f"cannot set {type(self).__name__}.{name}: the config is resolved (frozen); resolve a new one "
+                f"(training/resolve.py) instead of completing it in place")
+        super().__setattr__(name, value)
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     name: str = "adm_unet"
     model_channels: int = 64
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
@@ -65,7 +82,7 @@ class ModelConfig:
 
 
 @dataclass
-class DiffusionConfig:
+class DiffusionConfig(Section):
     process: str = "ddpm"  # ddpm | flow | edm
     timesteps: int = 1000  # flow: the model sees t = sigma * timesteps (diffusers' num_train_timesteps)
     schedule: str = "linear"  # linear | sqrt_linear | cosine
@@ -97,7 +114,7 @@ class DiffusionConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     name: str = "digits"  # digits | folder | mnist | fashion_mnist | cifar10 | cifar100 | celebahq | fonts | shards | parquet
     path: str | None = None  # folder / file / shard / parquet source, local or a URL (s3://, gs://, hf://, https://)
     image_size: int = 8
@@ -122,7 +139,7 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
     # the training task (training/tasks TASKS): diffusion | autoencoder | auto (or null): autoencoder when
     # autoencoder.kind is vq | kl, else diffusion, as runs written before this key did; a run stores the resolved name
     task: str | None = "auto"
@@ -179,7 +196,7 @@ class TrainConfig:
 
 
 @dataclass
-class SampleConfig:
+class SampleConfig(Section):
     """Defaults for sample grids written during training and by `difftrain sample`."""
 
     sampler: str = "ddim"  # ddpm | ddim | euler | heun | dpmpp-2m | dpmpp-2m-sde (process ddpm); euler | heun (process flow)
@@ -198,7 +215,7 @@ class SampleConfig:
 
 
 @dataclass
-class AutoencoderConfig:
+class AutoencoderConfig(Section):
     """First stage of latent diffusion (LDM / taming names). kind=none: the run trains a diffusion model."""
 
     kind: str = "none"  # none | vq | kl: vq / kl make the run train this autoencoder instead of a diffusion model
@@ -229,7 +246,7 @@ class AutoencoderConfig:
 
 
 @dataclass
-class LatentConfig:
+class LatentConfig(Section):
     """Latent diffusion: train the diffusion model on a first stage's latents and decode its samples."""
 
     first_stage: str | None = None  # difftrain autoencoder run dir, or a diffusers AutoencoderKL / VQModel directory
@@ -242,7 +259,7 @@ class LatentConfig:
 
 
 @dataclass
-class Config:
+class Config(Section):
     run_dir: str = "runs/default"
     recipe: str = ""  # the recipe this config was built from (informational)
     description: str = ""
@@ -397,6 +414,29 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...
     for text in overrides:
         set_key(cfg, *parse_override(text))
     return validate(cfg)
+
+
+def _sections(cfg: Config) -> list[Section]:
+    return [cfg, *(getattr(cfg, f.name) for f in dataclasses.fields(cfg) if isinstance(getattr(cfg, f.name), Section))]
+
+
+def freeze(cfg: Config) -> Config:
+    """Make `cfg` and its sections read-only (assignment raises FrozenInstanceError); returns it."""
+    for section in _sections(cfg):
+        object.__setattr__(section, "_frozen", True)
+    return cfg
+
+
+def is_frozen(cfg: Config) -> bool:
+    return bool(cfg.__dict__.get("_frozen", False))
+
+
+def thaw(cfg: Config) -> Config:
+    """A writable deep copy of `cfg` (frozen or not); `cfg` itself is left as it is."""
+    copy = _copy.deepcopy(cfg)
+    for section in _sections(copy):
+        object.__setattr__(section, "_frozen", False)
+    return copy
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

@@ -4,10 +4,11 @@
 or a local diffusers `AutoencoderKL` / `VQModel` directory (loaded with `from_pretrained(path,
 local_files_only=True)`: nothing is downloaded). `latent_splits` encodes the data set once
 (batched, no gradients; VQ: the pre-quantisation latents as LDM; KL: the posterior mode or one
-sample), optionally through a cache file, and scales the latents by `latent.scale_factor`:
+sample), optionally through a cache file, and gives `latent.scale_factor` to resolve (training/resolve.py):
 1 / std of the training latents when null (LDM's scale_by_std, over the whole training split
-instead of its first batch), written back into the config so the run stores it.
-`decoder_for(cfg)` turns sampled latents back into images: x = decode(z / scale_factor).
+instead of its first batch), so the run stores it. The latents stay unscaled; the run's DataTransform
+(data/transform.py) scales them as they are batched.
+`decoder_for(cfg)` turns sampled latents back into images: x = decode(DataTransform.to_data(z)) = decode(z / scale_factor).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from difftrain.checkpoint import (
 from difftrain.config import Config, ConfigError, config_from_dict
 from difftrain.data import DataError, ImageSet, Splits
 from difftrain.data.latents import LatentSet, load_latent_cache, save_latent_cache
-from difftrain.data.memory import to_model_range
+from difftrain.data.transform import data_transform, to_model_range
 from difftrain.models import build_autoencoder
 from difftrain.runtime import cache_dir
 
@@ -202,14 +203,15 @@ def check_latent_config(cfg: Config, splits: Splits, stage: FirstStage) -> None:
 
 
 def latent_splits(cfg: Config, splits: Splits, device: torch.device | str = "cpu") -> Splits:
-    """The data set as scaled first-stage latents; fills latent.first_stage (absolute) and latent.scale_factor in `cfg`."""
+    """The data set as (unscaled) first-stage latents; `resolved` names latent.first_stage (absolute) and
+    latent.scale_factor (given, or 1 / std of the training latents). `cfg` is only read."""
     lc = cfg.latent
     path = Path(lc.first_stage).expanduser()
     if not path.exists():
         raise DataError(f"latent.first_stage '{path}' does not exist (train the autoencoder recipe first, "
                         f"or give a diffusers AutoencoderKL / VQModel directory)")
-    lc.first_stage = str(path.resolve())  # the run must find its decoder from any working directory
-    stage = load_first_stage(lc.first_stage, lc.first_stage_weights, device)
+    first_stage = str(path.resolve())  # the run must find its decoder from any working directory
+    stage = load_first_stage(first_stage, lc.first_stage_weights, device)
     check_latent_config(cfg, splits, stage)
     key = cache_key(cfg, stage)
     cache_file = Path(lc.cache_path).expanduser() if lc.cache_path else default_cache_dir() / f"{key}.pt"
@@ -221,21 +223,22 @@ def latent_splits(cfg: Config, splits: Splits, device: torch.device | str = "cpu
                    "train_flipped": encode_images(stage, splits.train.images, flip=True, **enc) if cfg.data.random_flip else None,
                    "test": encode_images(stage, splits.test.images, **enc) if splits.test is not None else None}
         if lc.cache:
-            save_latent_cache(cache_file, key, latents, {"first_stage": lc.first_stage, "data": cfg.data.name})
+            save_latent_cache(cache_file, key, latents, {"first_stage": first_stage, "data": cfg.data.name})
             print(f"difftrain: cached the latents of {len(splits.train)} training images in {cache_file}", file=sys.stderr)
     else:
         print(f"difftrain: latents read from the cache {cache_file}", file=sys.stderr)
-    if lc.scale_factor is None:  # LDM's scale_by_std
-        lc.scale_factor = float(1.0 / latents["train"].double().std())
-    s = lc.scale_factor
+    scale = lc.scale_factor
+    if scale is None:  # LDM's scale_by_std
+        scale = float(1.0 / latents["train"].double().std())
     train_latents, train_labels = latents["train"], splits.train.labels
     if latents["train_flipped"] is not None:  # each image and its mirror image as two latents
         train_latents = torch.cat([train_latents, latents["train_flipped"]])
         train_labels = torch.cat([train_labels, train_labels])
     names = splits.train.class_names
-    train = LatentSet(train_latents * s, train_labels, names)
-    test = LatentSet(latents["test"] * s, splits.test.labels, names) if latents["test"] is not None else None
-    return Splits(train, test, splits.skipped)
+    train = LatentSet(train_latents, train_labels, names)
+    test = LatentSet(latents["test"], splits.test.labels, names) if latents["test"] is not None else None
+    return Splits(train, test, splits.skipped,
+                  {**splits.resolved, "latent.first_stage": first_stage, "latent.scale_factor": scale})
 
 
 def decoder_for(cfg: Config, device: torch.device | str) -> Callable[[Tensor], Tensor] | None:
@@ -243,13 +246,12 @@ def decoder_for(cfg: Config, device: torch.device | str) -> Callable[[Tensor], T
     lc = cfg.latent
     if not lc.first_stage:
         return None
-    if lc.scale_factor is None:
-        raise ConfigError("latent.scale_factor is not set (it is filled from the data when the run trains)")
+    transform = data_transform(cfg)  # z / latent.scale_factor (a ConfigError when it was never resolved)
     stage = load_first_stage(lc.first_stage, lc.first_stage_weights, device)
     chunk = max(1, lc.encode_batch_size)
 
     def decode(z: Tensor) -> Tensor:
-        parts = [stage.decode(z[i : i + chunk] / lc.scale_factor).float() for i in range(0, len(z), chunk)]
+        parts = [stage.decode(transform.to_data(z[i : i + chunk])).float() for i in range(0, len(z), chunk)]
         return torch.cat(parts)
 
     return decode

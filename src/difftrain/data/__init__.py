@@ -1,5 +1,6 @@
 """Data sources. Each loader returns `Splits` of uint8 image tensors (or a streamed ShardSet for training);
-`BatchStream` batches them. `DATASETS` maps data.name to loaders; see README "Data" for each source."""
+`make_stream` batches them (through the run's DataTransform). `DATASETS` maps data.name to loaders; see README
+"Data" for each source."""
 
 from __future__ import annotations
 
@@ -9,17 +10,21 @@ class DataError(ValueError):
 
 
 # Defined before the loaders are imported: they raise it and import it from here.
+import torch
+
 from difftrain.config import DataConfig
 from difftrain.data.cifar import load_cifar_splits
 from difftrain.data.digits import load_digits_splits
 from difftrain.data.emoji import load_emoji_splits
 from difftrain.data.folder import load_folder_splits
 from difftrain.data.fonts import load_fonts_splits
-from difftrain.data.memory import BatchStream, ImageSet, Splits, to_model_range, to_uint8
+from difftrain.data.latents import LatentSet
+from difftrain.data.memory import BatchStream, ImageSet, Splits
 from difftrain.data.mnist import load_mnist_splits
 from difftrain.data.normalize import apply_extras
 from difftrain.data.parquet import load_parquet_in_memory, load_parquet_set
-from difftrain.data.shards import load_shard_set, load_shards_in_memory
+from difftrain.data.shards import ShardSet, ShardStream, load_shard_set, load_shards_in_memory
+from difftrain.data.transform import PLAIN, DataTransform, data_transform, to_model_range, to_uint8
 from difftrain.registry import Registry
 
 DATASETS: Registry = Registry("data set")
@@ -99,13 +104,25 @@ def _parquet(cfg: DataConfig) -> Splits:
 
 
 def load_data(cfg: DataConfig) -> Splits:
-    """The data set; with data.black_white / data.normalize, the training split is extended / normalised
-    and data.mean and data.std are filled in `cfg` (stored with the run, inverted at sampling)."""
+    """The data set; with data.black_white the training split is extended, and with data.normalize its pixel
+    statistics are measured (unless given) into `resolved` (data.mean, data.std). `cfg` is only read."""
     splits = DATASETS[cfg.name](cfg)
     if cfg.black_white or cfg.normalize != "none":
-        splits, cfg.mean, cfg.std = apply_extras(splits, black_white=cfg.black_white, normalize=cfg.normalize,
-                                                 mean=cfg.mean, std=cfg.std)
+        splits = apply_extras(splits, black_white=cfg.black_white, normalize=cfg.normalize, mean=cfg.mean, std=cfg.std)
     return splits
 
 
-__all__ = ["DATASETS", "BatchStream", "DataError", "ImageSet", "Splits", "load_data", "to_model_range", "to_uint8"]
+def make_stream(data: ImageSet | ShardSet, batch_size: int, *, transform: DataTransform = PLAIN,
+                seed: int = 0, random_flip: bool = False,
+                device: torch.device | str = "cpu") -> BatchStream | ShardStream:
+    """The endless batch stream of a training split: a ShardStream for streamed shards, else a BatchStream
+    (never flipping latents: their flipped images are latents of their own). Both have next(), state_dict()
+    and load_state_dict(), and yield `transform.to_model` of the data."""
+    if isinstance(data, ShardSet):
+        return ShardStream(data, batch_size, seed=seed, random_flip=random_flip, device=device, transform=transform)
+    flip = random_flip and not isinstance(data, LatentSet)
+    return BatchStream(data, batch_size, seed=seed, random_flip=flip, device=device, transform=transform)
+
+
+__all__ = ["DATASETS", "BatchStream", "DataError", "DataTransform", "ImageSet", "Splits", "data_transform",
+           "load_data", "make_stream", "to_model_range", "to_uint8"]

@@ -1,9 +1,10 @@
 """Data sets of first-stage latents for latent diffusion, and their cache file.
 
-A `LatentSet` is an ImageSet whose "images" are float latents (N, C, h, w), already multiplied
-by the scale factor; `BatchStream` passes float tensors through unchanged. Random flips are
-not drawn on latents (a flipped latent is not the latent of the flipped image): the flipped
-images are encoded as latents of their own and stored beside the originals. The encoding
+A `LatentSet` is an ImageSet whose "images" are the first stage's float latents (N, C, h, w),
+unscaled: the run's DataTransform (data/transform.py) multiplies them by latent.scale_factor as
+they are batched. Random flips are not drawn on latents (a flipped latent is not the latent of the
+flipped image; `data.make_stream` never flips them): the flipped images are encoded as latents of
+their own and stored beside the originals. The encoding
 itself lives in `difftrain.latent` (it needs model code, which `data` never imports).
 """
 
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor
 
 from difftrain.checkpoint import atomic_write
-from difftrain.data.memory import BatchStream, ImageSet
+from difftrain.data.memory import ImageSet
 
 CACHE_FORMAT = "difftrain-latents"
 CACHE_VERSION = 1
@@ -29,17 +30,6 @@ class LatentSet(ImageSet):
     @staticmethod
     def valid_dtype(dtype: torch.dtype) -> bool:
         return dtype.is_floating_point
-
-    def make_stream(self, *args, **kwargs) -> LatentStream:
-        return LatentStream(self, *args, **kwargs)
-
-
-class LatentStream(BatchStream):
-    """BatchStream over latents that never flips them (flipped images are cached as latents of their own)."""
-
-    def __init__(self, data: LatentSet, batch_size: int, *, seed: int = 0, random_flip: bool = False,
-                 device: torch.device | str = "cpu"):
-        super().__init__(data, batch_size, seed=seed, random_flip=False, device=device)
 
 
 def save_latent_cache(path: Path, key: str, latents: dict[str, Tensor | None], meta: dict) -> None:
@@ -65,4 +55,4 @@ def load_latent_cache(path: Path, key: str) -> dict[str, Tensor | None] | None:
     return {k: state.get(k) for k in ("train", "train_flipped", "test")}
 
 
-__all__ = ["LatentSet", "LatentStream", "load_latent_cache", "save_latent_cache"]
+__all__ = ["LatentSet", "load_latent_cache", "save_latent_cache"]

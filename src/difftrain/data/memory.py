@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from difftrain.config import ConfigError
+from difftrain.data.transform import PLAIN, DataTransform, to_model_range, to_uint8  # noqa: F401 (imported from here)
 
 
 @dataclass
@@ -54,6 +56,9 @@ class Splits:
     train: ImageSet
     test: ImageSet | None
     skipped: list[str] = field(default_factory=list)  # unreadable files left out
+    # config keys whose values the data gave (data.mean / data.std, latent.scale_factor / first_stage):
+    # training/resolve.py writes them into the resolved config; the loaders never touch a config
+    resolved: dict[str, Any] = field(default_factory=dict)
 
     @property
     def channels(self) -> int:
@@ -76,18 +81,6 @@ def check_batch_size(batch_size: int, n: int) -> None:
                           f"than the training split of {n} images; set train.batch_size to at most {n}")
 
 
-def to_model_range(images: Tensor) -> Tensor:
-    """uint8 [0, 255] -> float [-1, 1]; float tensors (latent data sets) pass through as float32."""
-    if images.is_floating_point():
-        return images.float()
-    return images.float().div_(127.5).sub_(1)
-
-
-def to_uint8(x: Tensor) -> Tensor:
-    """float [-1, 1] -> uint8 [0, 255], rounded."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 class BatchStream:
     """Endless shuffled batches from an ImageSet, in an order fixed by (seed, epoch).
 
@@ -96,23 +89,17 @@ class BatchStream:
     cross an epoch end are completed from the next epoch. Random horizontal flips are drawn
     per batch from the same generator.
 
-    Given a streaming set (anything with `make_stream`, e.g. tar shards), construction returns
-    that set's own stream, which has the same `next()` / `state_dict()` / `load_state_dict()`,
-    so the training loop builds `BatchStream(splits.train, ...)` for either kind of data.
+    The batches come out through `transform.to_model` (data/transform.py: [-1, 1], or normalised,
+    or scaled latents). `data.make_stream` picks the stream of a data set (shards stream their own).
     """
 
-    def __new__(cls, data, *args, **kwargs):
-        if cls is BatchStream and hasattr(data, "make_stream"):
-            return data.make_stream(*args, **kwargs)
-        return super().__new__(cls)
-
     def __init__(self, data: ImageSet, batch_size: int, *, seed: int = 0, random_flip: bool = False,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", transform: DataTransform = PLAIN):
         if len(data) == 0:
             raise ValueError("the training split is empty")
         check_batch_size(batch_size, len(data))
         self.data, self.batch_size, self.seed = data, batch_size, seed
-        self.random_flip, self.device = random_flip, torch.device(device)
+        self.random_flip, self.device, self.transform = random_flip, torch.device(device), transform
         self.images = data.images.to(self.device)
         self.labels = data.labels.to(self.device)
         self.epoch, self.offset = 0, 0
@@ -132,7 +119,7 @@ class BatchStream:
         self._perm = self._permutation(self.epoch)
 
     def next(self) -> tuple[Tensor, Tensor]:
-        """(images in [-1, 1] float32 (B, C, H, W), labels (B,)) on the stream's device."""
+        """(model inputs float32 (B, C, H, W), labels (B,)) on the stream's device."""
         parts, need = [], self.batch_size
         while need:
             take = self._perm[self.offset : self.offset + need]
@@ -143,7 +130,7 @@ class BatchStream:
                 self.epoch, self.offset = self.epoch + 1, 0
                 self._perm = self._permutation(self.epoch)
         idx = torch.cat(parts).to(self.device)
-        x = to_model_range(self.images[idx])
+        x = self.transform.to_model(self.images[idx])
         if self.random_flip:
             flip = torch.rand(len(idx), generator=self._generator(self.epoch * 7 + self.offset)) < 0.5
             x = torch.where(flip.to(self.device)[:, None, None, None], x.flip(-1), x)

@@ -40,9 +40,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from difftrain.data.folder import DECODE_ERRORS, DataError, read_image
-from difftrain.data.memory import ImageSet, check_batch_size, to_model_range
+from difftrain.data.memory import ImageSet, check_batch_size
 from difftrain.data.remote import is_file, is_url, join, list_files, local, open_binary
 from difftrain.data.shard_writer import INDEX_NAME, write_shards  # noqa: F401 (also imported from here)
+from difftrain.data.transform import PLAIN, DataTransform
 
 IMAGE_KEYS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -302,8 +303,8 @@ class ShardSet:
                           self.num_classes if self.counts is not None else None, self.counts[i] if self.counts else None)
 
     def make_stream(self, batch_size: int, *, seed: int = 0, random_flip: bool = False,
-                    device: torch.device | str = "cpu") -> ShardStream:
-        return ShardStream(self, batch_size, seed=seed, random_flip=random_flip, device=device)
+                    device: torch.device | str = "cpu", transform: DataTransform = PLAIN) -> ShardStream:
+        return ShardStream(self, batch_size, seed=seed, random_flip=random_flip, device=device, transform=transform)
 
 
 class ShardStream:
@@ -315,10 +316,10 @@ class ShardStream:
     """
 
     def __init__(self, data: StreamSource, batch_size: int, *, seed: int = 0, random_flip: bool = False,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", transform: DataTransform = PLAIN):
         check_batch_size(batch_size, len(data))  # len 0: unknown without an index
         self.data, self.batch_size, self.seed = data, batch_size, seed
-        self.random_flip, self.device = random_flip, torch.device(device)
+        self.random_flip, self.device, self.transform = random_flip, torch.device(device), transform
         self.epoch, self.offset, self.shard, self.item = 0, 0, 0, 0
         self._it: Iterator | None = None
         self._current: tuple[Tensor, Tensor] | None = None
@@ -373,7 +374,7 @@ class ShardStream:
                 empty = empty + 1 if take == 0 else 0
                 if empty > self.data.num_units:
                     raise DataError("the shards hold no readable samples")
-        x = to_model_range(torch.cat(xs).to(self.device, non_blocking=True))
+        x = self.transform.to_model(torch.cat(xs).to(self.device, non_blocking=True))
         if self.random_flip:
             flip = torch.rand(len(x), generator=_generator(self.seed, self.epoch * 7 + self.offset)) < 0.5
             x = torch.where(flip.to(self.device)[:, None, None, None], x.flip(-1), x)

@@ -5,9 +5,9 @@
 
 from difftrain.training.ema import EMA
 from difftrain.training.engine import Engine, TrainingError, train
-from difftrain.training.options import resolve_config
+from difftrain.training.resolve import resolve
 from difftrain.training.schedules import lr_at
 from difftrain.training.timesteps import LossSecondMoment, ProcessTimesteps, build_timestep_sampler
 
 __all__ = ["EMA", "Engine", "LossSecondMoment", "ProcessTimesteps", "TrainingError", "build_timestep_sampler", "lr_at",
-           "resolve_config", "train"]
+           "resolve", "train"]

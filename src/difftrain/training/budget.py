@@ -1,9 +1,13 @@
 """How long a run trains, and its clock: train.steps, or train.budget (an image count or wall time).
 
-An image budget (`2M_images`) is exact: it becomes train.steps = ceil(images / global batch), and the
-run is then the same as one with that train.steps (bitwise reproducible, resumable). The images are
-counted as they are trained (the checkpoint's "images_seen"), so a resume with another batch size or
-world size trains the images that are left: train.steps = step + ceil(images left / new global batch).
+An image budget (`2M_images`) is exact: resolve (training/resolve.py) makes it train.steps =
+ceil(images / global batch), and the run is then the same as one with that train.steps (bitwise
+reproducible, resumable). The images are counted as they are trained (the checkpoint's "images_seen"),
+so a resume with another batch size or world size trains the images that are left: the Budget's
+`steps` = step + ceil(images left / new global batch).
+
+The config is never written here: `Budget.steps` is the live step target (train.steps, moved by an
+image budget's resume, set to the step reached when a time budget runs out) and the lr schedule reads it.
 
 A time budget (`30s`, `10m`, `2h`) replaces train.steps: the run ends at the first step boundary at
 or after the budget, then finishes as usual (final checkpoint, exports, final grids). The fraction of
@@ -41,8 +45,7 @@ class Budget:
         self.global_batch = t.batch_size * world.size
         kind, amount = parse_budget(t.budget)
         self.images = amount if kind == "images" else None
-        if kind == "images":
-            t.steps = math.ceil(amount / self.global_batch)
+        self.steps = t.steps  # the step target: resolved (an image budget's steps), moved by load() and fix_steps()
         self.images_seen = 0  # images trained on so far, earlier sessions (at their batch sizes) included
         self.seconds = amount if kind == "seconds" else None
         self.before, self.started = 0.0, None  # seconds of earlier sessions; perf_counter() at this one's start
@@ -63,7 +66,7 @@ class Budget:
         self.before = self.now = float(elapsed)
         self.images_seen = int(images_seen)
         if self.images is not None:
-            self.cfg.train.steps = step + math.ceil(max(0, self.images - self.images_seen) / self.global_batch)
+            self.steps = step + math.ceil(max(0, self.images - self.images_seen) / self.global_batch)
         self.fix_steps(step)
 
     def tick(self, step: int) -> None:
@@ -79,20 +82,19 @@ class Budget:
         self.fix_steps(step)
 
     def fix_steps(self, step: int) -> None:
-        """A time budget that ran out sets train.steps to the step reached, so the end of the run (final validation,
-        the last checkpoint's config) sees a run of known length."""
+        """A time budget that ran out sets the step target to the step reached (the run then has a known length)."""
         if self.seconds is not None and self.now >= self.seconds:
-            self.cfg.train.steps = step
+            self.steps = step
 
     # --- what the engine asks ----------------------------------------------------------------
     def reached(self, step: int) -> bool:
         """Whether the run is over after `step` steps."""
-        return step >= self.cfg.train.steps if self.seconds is None else self.now >= self.seconds
+        return step >= self.steps if self.seconds is None else self.now >= self.seconds
 
     def lr(self, step: int) -> float:
         """The lr of optimizer step `step`: of the step, or of the fraction of the time budget used."""
         progress = None if self.seconds is None else self.now / self.seconds
-        self.last_lr = lr_at(step, self.cfg, self.world.size, progress)
+        self.last_lr = lr_at(step, self.cfg, self.world.size, progress, steps=self.steps)
         return self.last_lr
 
     def fields(self, step: int) -> dict[str, float]:
@@ -107,7 +109,7 @@ class Budget:
         t = self.cfg.train
         if self.seconds is not None:
             return f"train.budget={t.budget} ({self.now:.0f} s used)"
-        return f"train.budget={t.budget} ({t.steps} steps)" if t.budget else f"train.steps={t.steps}"
+        return f"train.budget={t.budget} ({self.steps} steps)" if t.budget else f"train.steps={self.steps}"
 
     # --- the progress bar ----------------------------------------------------------------------
     def progress_bar(self, step: int, enabled: bool):
@@ -117,7 +119,7 @@ class Budget:
         # Off a terminal (CI, log files) refresh rarely instead of flooding the log.
         common = dict(disable=not enabled, dynamic_ncols=True, mininterval=0.2 if sys.stderr.isatty() else 30)
         if self.seconds is None:
-            return tqdm(total=self.cfg.train.steps, initial=step, desc="train", unit="step", **common)
+            return tqdm(total=self.steps, initial=step, desc="train", unit="step", **common)
         return tqdm(total=self.seconds, initial=self.now, desc=f"train step {step}", unit="s", **common,
                     bar_format="{desc}: {percentage:3.0f}%|{bar}| budget {n:.0f}/{total:.0f} s, {remaining} left{postfix}")
 
@@ -143,7 +145,7 @@ def describe(cfg: Config) -> str:
     batch = t.batch_size * t.devices
     if kind == "images":
         steps = math.ceil(amount / batch)
-        return (f"budget: {amount:,} images = {steps} steps of {batch} images (replaces train.steps={t.steps}); "
+        return (f"budget: {amount:,} images = {steps} steps of {batch} images (train.steps of the resolved config); "
                 f"lr {t.lr_schedule} over those steps; {ema}")
     lr = f"{base_lr(cfg, t.devices):g}"
     warm = f"warm-up {t.warmup_steps} steps, then " if t.warmup_steps else ""

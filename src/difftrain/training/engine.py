@@ -45,7 +45,7 @@ from difftrain.checkpoint import (
     save_checkpoint,
 )
 from difftrain.config import Config, ConfigError
-from difftrain.data import BatchStream
+from difftrain.data import data_transform, make_stream
 from difftrain.report.run_info import write_run_info
 from difftrain.training import distributed
 from difftrain.training.budget import Budget
@@ -53,6 +53,7 @@ from difftrain.training.ema import ema_label
 from difftrain.training.metrics import MetricsLog
 from difftrain.training.options import check_train_config, train_device
 from difftrain.training.phema import set_aside_later_snapshots
+from difftrain.training.resolve import resolve
 from difftrain.training.rundir import (
     RunLock,
     check_config_change,
@@ -86,10 +87,13 @@ class Engine:
         check_train_config(cfg.train, device)
         # Under torchrun: join the process group; a CUDA rank takes cuda:LOCAL_RANK. Alone: World() of size 1.
         self.world, self.device = distributed.setup(device)
-        self.budget = Budget(cfg, self.world, self.device)  # train.steps, or train.budget (images: sets train.steps)
         seed_everything(cfg.train.seed)
+        data = task_class.load_data(cfg, self.world, self.device)
+        # the one resolution (training/resolve.py): a new, frozen config; `cfg` itself is left as it was
+        self.cfg = cfg = resolve(cfg, data, self.world.size)
+        self.budget = Budget(cfg, self.world, self.device)  # train.steps, or train.budget's clock
         # resuming: the checkpoint's weights win, so model.init_from is not read (its file may have moved since)
-        self.task = task_class(cfg, self.world, self.device, resuming=will_resume(cfg))
+        self.task = task_class(cfg, data, self.world, self.device, resuming=will_resume(cfg))
         # The task's hooks: train.posthoc_ema's power EMAs, on rank 0 (it alone writes their snapshots), and sample
         # quality every train.eval_every steps; None where the task has none or the config asks for none.
         self.phema = self.task.phema() if self.world.main else None
@@ -97,8 +101,8 @@ class Engine:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.evaluator = self.task.evaluator(self.run_dir)
         # Every rank reads the same global batch (batch_size x world size); the task trains on its own slice.
-        self.stream = BatchStream(self.task.data.train, cfg.train.batch_size * self.world.size, seed=cfg.train.seed,
-                                  random_flip=cfg.data.random_flip, device=self.device)
+        self.stream = make_stream(self.task.data.train, cfg.train.batch_size * self.world.size, seed=cfg.train.seed,
+                                  random_flip=cfg.data.random_flip, device=self.device, transform=data_transform(cfg))
         # Python's own generator again: nothing of difftrain draws from it while setting up, but third-party modules
         # imported lazily above may (sklearn imports rich when it is installed, which draws at import), and only in
         # the first run of a process. Re-seeded, the stream a run starts with is the same whatever was imported.
@@ -339,7 +343,7 @@ class Engine:
             log = MetricsLog(self.run_dir, cfg.train.tensorboard, cfg.train.wandb, cfg.to_dict())
         distributed.print_main(world, self.task.summary(self.run_dir))
         if self.phema is not None:
-            print(self.phema.describe(self.run_dir, cfg.train.steps), file=sys.stderr)
+            print(self.phema.describe(self.run_dir, self.budget.steps), file=sys.stderr)
         if world.active:
             distributed.print_main(world, distributed.describe(world, cfg.train.batch_size, cfg.train.microbatch))
         return log
@@ -366,7 +370,7 @@ class Engine:
         presence marks a finished run), then prints the summary. A stop signal here skips the sampling still to
         do (final evaluation, final grids), never the checkpoint or the weights, and says how to finish."""
         if self.cfg.train.val_every and log is not None:
-            log.log(self.step, **self.task.validate(self.step))
+            log.log(self.step, **self.task.validate(self.step, final=True))
         path = self.save()
         skipped = []
         if self.evaluator is not None:

@@ -1,4 +1,5 @@
-"""Checking and completing the train config before a run starts (so bad values fail before any file is written)."""
+"""Checking the train config before a run starts (so bad values fail before any file is written); completing it
+is training/resolve.py's one step."""
 
 from __future__ import annotations
 
@@ -6,33 +7,15 @@ import warnings
 
 import torch
 
-from difftrain.config import Config, ConfigError, TrainConfig
-from difftrain.data import Splits
+from difftrain.config import ConfigError, TrainConfig
 from difftrain.runtime import resolve_device
 from difftrain.training.metrics import WANDB_MODES
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_config(cfg: Config, data: Splits) -> Config:
-    """Fill the model keys that come from the data set (channels, size, class count)."""
-    m = cfg.model
-    for key, value in (("in_channels", data.channels), ("image_size", data.image_size), ("num_classes", data.num_classes)):
-        if getattr(m, key) is None:
-            setattr(m, key, value)
-        elif getattr(m, key) != value and key != "num_classes":
-            raise ConfigError(f"model.{key}={getattr(m, key)} but the data set gives {value}; leave model.{key} unset")
-    if m.num_classes and data.num_classes and m.num_classes < data.num_classes:
-        raise ConfigError(f"model.num_classes={m.num_classes} but the data set has {data.num_classes} classes")
-    if m.out_channels is None and cfg.diffusion.learn_sigma:  # mean and variance interpolation per channel
-        m.out_channels = 2 * m.in_channels
-    return cfg
-
-
 def check_train_config(t: TrainConfig, device: torch.device) -> None:
-    """Check the train keys every task uses, and move the old single-rate key train.ema_rate into ema_rates."""
-    if t.ema_rate is not None:  # the old single-rate key
-        t.ema_rates, t.ema_rate = [t.ema_rate], None
+    """Check the train keys every task uses (`t` is only read; resolve moves train.ema_rate into ema_rates)."""
     for key in ("steps", "batch_size", "log_every", "max_nonfinite", "devices"):
         if getattr(t, key) <= 0:
             raise ConfigError(f"train.{key} must be positive, got {getattr(t, key)}")
@@ -40,7 +23,7 @@ def check_train_config(t: TrainConfig, device: torch.device) -> None:
         raise ConfigError(f"train.label_dropout must lie in [0, 1), got {t.label_dropout}")
     if t.microbatch < 0:
         raise ConfigError(f"train.microbatch must be 0 (whole batch) or positive, got {t.microbatch}")
-    rates = t.ema_rates
+    rates = [t.ema_rate] if t.ema_rate is not None else t.ema_rates  # the old single-rate key
     if not rates or not all(0 <= r < 1 for r in rates) or len(set(rates)) != len(rates):
         raise ConfigError(f"train.ema_rates must be distinct rates in [0, 1), e.g. [0.9999, 0.999]; got {rates}")
     if t.wandb not in WANDB_MODES:

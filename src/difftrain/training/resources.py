@@ -15,16 +15,13 @@ and bf16 / fp16 autocast saves some activations at half the size (the figure is 
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 
 from difftrain.config import Config
-from difftrain.data import DataError, load_data
-from difftrain.data.memory import check_batch_size
+from difftrain.data import Splits
 from difftrain.models import build_model
-from difftrain.training.options import resolve_config
 
 PROBE_BATCH = 2  # the small batch the activations are measured at
 GB = 1024**3
@@ -78,28 +75,18 @@ def saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor, t: torch.Ten
     return sum(n for (ptr, _), n in seen.items() if ptr not in params)  # weights are counted in the model state
 
 
-def estimate_memory(cfg: Config) -> MemoryEstimate | str:
-    """The memory estimate of a diffusion run's config, or why there is none (a sentence). Loads the data
-    set (never downloading it; a batch larger than the training split is refused here, as in training)
-    and builds the model on the CPU; `cfg` itself is not changed."""
+def estimate_memory(cfg: Config, splits: Splits) -> MemoryEstimate | str:
+    """The memory estimate of a diffusion run's resolved config (training/resolve.py) on its data, or why there
+    is none (a sentence). Builds the model on the CPU; `cfg` is only read."""
     if cfg.autoencoder.kind != "none" or cfg.latent.first_stage:
         return "no memory estimate for autoencoder and latent runs (their encoders are not built by a dry run)"
-    cfg = copy.deepcopy(cfg)
-    cfg.data.download = False  # a dry run never downloads
-    try:
-        splits = load_data(cfg.data)
-    except DataError as e:
-        return f"no memory estimate: the data set cannot be read here ({e})"
     t = cfg.train
     n = len(splits.train)
-    check_batch_size(t.batch_size * t.devices, n)
-    resolve_config(cfg, splits)
     images = getattr(splits.train, "images", None)  # a ShardSet streams: nothing held
     data_bytes = images.numel() * images.element_size() if images is not None else 0
     model = build_model(cfg.model)
     parameters = sum(p.numel() for p in model.parameters())
-    ema_rates = [t.ema_rate] if t.ema_rate is not None else t.ema_rates  # the old single-rate key
-    copies = 4 + len(ema_rates) + len(t.posthoc_ema)
+    copies = 4 + len(t.ema_rates) + len(t.posthoc_ema)
     m = cfg.model
     x = torch.randn(PROBE_BATCH, m.in_channels, m.image_size, m.image_size)
     steps = torch.full((PROBE_BATCH,), cfg.diffusion.timesteps / 2)

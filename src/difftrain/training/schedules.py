@@ -51,24 +51,26 @@ def onecycle_at(progress: float, max_lr: float) -> float:
     return _cos_anneal(max_lr, final, (p - ONECYCLE_PCT_START) / (1 - ONECYCLE_PCT_START))
 
 
-def lr_at(step: int, cfg: Config, world_size: int = 1, progress: float | None = None) -> float:
+def lr_at(step: int, cfg: Config, world_size: int = 1, progress: float | None = None, *,
+          steps: int | None = None) -> float:
     """The learning rate of optimizer step `step` (0-based).
 
     constant / linear / cosine: linear warm-up over train.warmup_steps, then `decay` at the progress of
     the run: (step - warm-up) / (train.lr_anneal_steps (guided-diffusion's knob; 0 means train.steps) -
     warm-up), or, for a time budget, the `progress` given (the fraction of train.budget used), so the
     decay ends at the budget. onecycle: PyTorch's OneCycleLR over train.steps (it has its own warm-up),
-    or its shape over the budget.
+    or its shape over the budget. `steps` (default train.steps): the run's step target (training/budget.py's).
     """
     t = cfg.train
+    total = steps or t.steps
     lr = base_lr(cfg, world_size)
     if t.lr_schedule not in LR_SCHEDULES:
         raise ConfigError(f"unknown train.lr_schedule '{t.lr_schedule}'; choose from {', '.join(LR_SCHEDULES)}")
     if t.lr_schedule == "onecycle":
-        return onecycle_lr(min(step, t.steps - 1), lr, t.steps) if progress is None else onecycle_at(progress, lr)
+        return onecycle_lr(min(step, total - 1), lr, total) if progress is None else onecycle_at(progress, lr)
     if t.warmup_steps and step < t.warmup_steps:
         return lr * (step + 1) / t.warmup_steps
     if progress is None:
-        end = t.lr_anneal_steps or t.steps
+        end = t.lr_anneal_steps or total
         progress = (step - t.warmup_steps) / max(1, end - t.warmup_steps)
     return lr * decay(t.lr_schedule, progress)

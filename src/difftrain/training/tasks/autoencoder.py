@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from difftrain.checkpoint import atomic_write, load_model_state
 from difftrain.config import Config, ConfigError
-from difftrain.data import load_data
+from difftrain.data import Splits, load_data
 from difftrain.data.images import to_pil
 from difftrain.data.memory import to_model_range, to_uint8
 from difftrain.models import build_autoencoder
@@ -71,17 +71,16 @@ class AutoencoderTask:
                     f"(set autoencoder.kind, or train.task=diffusion)")
         return None
 
-    def __init__(self, cfg: Config, world: World, device: torch.device, resuming: bool = False):
-        self.cfg, self.device = cfg, device
-        t, ae = cfg.train, cfg.autoencoder
+    @staticmethod
+    def load_data(cfg: Config, world: World, device: torch.device) -> Splits:
+        """The images (the config checked first, so a bad one fails before the data set is read)."""
         check_autoencoder_config(cfg)
-        self.lpips = load_lpips(ae.lpips_required, device) if ae.lpips_weight > 0 else None  # before the data
-        self.data = load_data(cfg.data)
-        if ae.resolution is None:
-            ae.resolution = self.data.image_size
-        elif ae.resolution != self.data.image_size:
-            raise ConfigError(f"autoencoder.resolution={ae.resolution} but the images are {self.data.image_size} px; "
-                              f"set data.image_size={ae.resolution} or leave autoencoder.resolution unset")
+        return load_data(cfg.data)
+
+    def __init__(self, cfg: Config, data: Splits, world: World, device: torch.device, resuming: bool = False):
+        self.cfg, self.data, self.device = cfg, data, device
+        t, ae = cfg.train, cfg.autoencoder
+        self.lpips = load_lpips(ae.lpips_required, device) if ae.lpips_weight > 0 else None
         self.model = build_autoencoder(ae, self.data.channels).to(device)
         self.parallel = Parallel(self.model, world, device)  # one process: the module itself
         self.stepper = Stepper(self.parallel, cfg, base_lr(cfg), device, loss_scaling=False)  # AdamW, clipping, EMAs
@@ -229,7 +228,7 @@ class AutoencoderTask:
         return torch.cat(out)
 
     @torch.no_grad()
-    def validate(self, step: int) -> dict[str, float]:
+    def validate(self, step: int, final: bool = False) -> dict[str, float]:
         """PSNR of held-out reconstructions (raw and EMA weights), codebook usage; rFID at the end of the run
         when the Inception weights exist."""
         images = self.held_out()
@@ -243,7 +242,7 @@ class AutoencoderTask:
                 out[name] = float(psnr(to_model_range(rec), to_model_range(images)).mean())
                 if name == "val_psnr" and self.cfg.autoencoder.kind == "vq":
                     out.update(self.codebook_stats(images))
-                if name == "val_psnr" and step >= self.cfg.train.steps:
+                if name == "val_psnr" and final:
                     out.update(self.rfid(rec, images))
         self.model.train()
         return out

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from difftrain.config import Config
 from difftrain.data import Splits
+from difftrain.training.distributed import World
 from difftrain.training.ema import EMA
 from difftrain.training.evaluate import Evaluator
 from difftrain.training.metrics import MetricsLog
@@ -53,9 +54,10 @@ class Window(Protocol):
 
 
 class Task(Protocol):
-    """One kind of training. Built as `Task(cfg, world, device, resuming=...)` after the engine has joined the process
-    group and seeded the RNGs; it loads its data and resolves the config keys that depend on it. `resuming`: a
-    checkpoint will replace its weights (so model.init_from is not read)."""
+    """One kind of training. The engine joins the process group, seeds the RNGs, calls `Task.load_data(cfg, world,
+    device)`, resolves the config with that data (training/resolve.py: a new, frozen config) and builds
+    `Task(resolved_cfg, data, world, device, resuming=...)`. `resuming`: a checkpoint will replace its weights
+    (so model.init_from is not read)."""
 
     distributed: bool  # False: the engine refuses to run it under torchrun
     data: Splits  # the engine batches data.train (images or latents) with a BatchStream
@@ -67,6 +69,10 @@ class Task(Protocol):
     def refusal(cfg: Config) -> str | None:
         """Why `cfg` cannot train this task (a key of another task is set, naming both keys), or None.
         train.task names the task (training/tasks TASKS); this is checked before anything is built."""
+
+    @staticmethod
+    def load_data(cfg: Config, world: World, device: torch.device) -> Splits:
+        """The task's data for the user config `cfg` (only read; what the data gives is in the splits' `resolved`)."""
 
     def step(self, batch: tuple[Tensor, Tensor], lr: float, step: int, stop_requested: bool) -> StepResult:
         """One optimizer step (0-based `step`) on the global batch; EMAs and `window` updated when finite."""
@@ -84,8 +90,9 @@ class Task(Protocol):
         """The post-hoc EMA tracker of the trained module (train.posthoc_ema; None when empty). The engine builds
         it on rank 0, updates it after every step and writes its snapshots and checkpoint entry."""
 
-    def validate(self, step: int) -> dict[str, float]:
-        """Held-out metrics to log (empty without a held-out split); runs under a forked RNG."""
+    def validate(self, step: int, final: bool = False) -> dict[str, float]:
+        """Held-out metrics to log (empty without a held-out split); runs under a forked RNG. `final`: the end of
+        the run (the last step of train.steps or of the budget)."""
 
     def write_grid(self, path: Path, model: nn.Module, log: MetricsLog | None, tag: str, step: int) -> Path:
         """A PNG of `model`'s output at `path` (and in TensorBoard under `tag`)."""

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from difftrain.config import Config, ConfigError
 from difftrain.data import Splits, load_data
-from difftrain.data.memory import to_model_range
+from difftrain.data.transform import data_transform
 from difftrain.generation import cycled_labels, write_grid
 from difftrain.interop import init_weights
 from difftrain.models import build_model
@@ -30,7 +30,7 @@ from difftrain.training.distributed import World
 from difftrain.training.evaluate import Evaluator
 from difftrain.training.metrics import LossWindow, MetricsLog
 from difftrain.training.optim import Stepper
-from difftrain.training.options import PRECISIONS, resolve_config
+from difftrain.training.options import PRECISIONS
 from difftrain.training.parallel import Parallel
 from difftrain.training.phema import PosthocEMA, posthoc_ema
 from difftrain.training.schedules import base_lr
@@ -40,7 +40,8 @@ from difftrain.training.timesteps import build_timestep_sampler
 
 def load_training_data(cfg: Config, world: World, device: torch.device) -> Splits:
     """cfg.data's splits; with latent.first_stage, their latents (under DDP with latent.cache rank 0 encodes and
-    writes the cache, then the other ranks read it)."""
+    writes the cache, then the other ranks read it). `cfg` is only read: the values the data gives are in
+    the splits' `resolved`, for training/resolve.py."""
     data = load_data(cfg.data)
     if not cfg.latent.first_stage:
         return data
@@ -67,11 +68,12 @@ class DiffusionTask:
                     f"set train.task=autoencoder (or auto), or autoencoder.kind=none")
         return None
 
-    def __init__(self, cfg: Config, world: World, device: torch.device, resuming: bool = False):
-        self.cfg, self.world, self.device = cfg, world, device
+    load_data = staticmethod(load_training_data)
+
+    def __init__(self, cfg: Config, data: Splits, world: World, device: torch.device, resuming: bool = False):
+        self.cfg, self.data, self.world, self.device = cfg, data, world, device
         t = cfg.train
-        self.data = load_training_data(cfg, world, device)
-        resolve_config(cfg, self.data)
+        self.transform = data_transform(cfg)  # validation batches as the training stream's
         self.process = build_process(cfg.diffusion)  # validates the diffusion keys before any file is written
         s = cfg.sample  # the grids' sampler must fit the process: fail now, not at the first grid hours later
         try:
@@ -204,7 +206,7 @@ class DiffusionTask:
 
     # --- validation, grids, messages -----------------------------------------------------
     @torch.no_grad()
-    def validate(self, step: int) -> dict[str, float]:
+    def validate(self, step: int, final: bool = False) -> dict[str, float]:
         """Mean loss on the held-out split for the raw and the default EMA weights (same t and noise)."""
         test, cfg = self.data.test, self.cfg
         if test is None or len(test) == 0:
@@ -217,9 +219,7 @@ class DiffusionTask:
                 torch.manual_seed(cfg.train.seed + 1)
                 total = 0.0
                 for i in range(0, n, bs):
-                    x0 = to_model_range(test.images[i : min(i + bs, n)].to(self.device))
-                    if cfg.data.normalize != "none":  # as the training batches (data.normalize)
-                        x0 = (x0 - cfg.data.mean) / cfg.data.std
+                    x0 = self.transform.to_model(test.images[i : min(i + bs, n)].to(self.device))
                     y = test.labels[i : i + len(x0)].to(self.device) if self.null_label else None
                     ts = self.process.sample_t(len(x0), self.device)
                     with autocast(self.device, self.amp_dtype):
