@@ -223,3 +223,16 @@ def test_wandb_logs_when_installed_and_explains_when_not(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="needs the wandb package"):  # before any file is written
         make_trainer(tmp_path / "b", "train.steps=1", "train.wandb=online")
     assert not (tmp_path / "b").exists()
+
+
+def test_a_config_built_by_hand_gets_the_value_rules_once(tmp_path):
+    """The engine applies config_checks.RULES (not a second copy of them in training/options.py): a bad value in
+    a config changed after load_config is refused with the rule's own message."""
+    from difftrain.config import load_config
+    from difftrain.training import Engine
+
+    cfg = load_config("digits", [f"run_dir={tmp_path}"])
+    cfg.train.label_dropout = 1.0
+    with pytest.raises(ConfigError, match=r"train.label_dropout: must be a number in \[0, 1\)"):
+        Engine(cfg)
+    assert not (tmp_path / "config.yaml").exists()

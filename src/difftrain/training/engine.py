@@ -44,7 +44,7 @@ from difftrain.checkpoint import (
     remove_stale_temp_files,
     save_checkpoint,
 )
-from difftrain.config import Config, ConfigError
+from difftrain.config import Config, ConfigError, validate
 from difftrain.data import data_transform, make_stream
 from difftrain.report.run_info import write_run_info
 from difftrain.training import distributed
@@ -84,6 +84,7 @@ class Engine:
             raise ConfigError(f"the {name} task trains in one process for now; launch it without torchrun and with "
                               f"train.devices=1")
         device = train_device(cfg.train)
+        validate(cfg)  # config_checks.RULES: a config built by hand gets the checks load_config applies
         check_train_config(cfg.train, device)
         # Under torchrun: join the process group; a CUDA rank takes cuda:LOCAL_RANK. Alone: World() of size 1.
         self.world, self.device = distributed.setup(device)

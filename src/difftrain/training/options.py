@@ -15,17 +15,8 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def check_train_config(t: TrainConfig, device: torch.device) -> None:
-    """Check the train keys every task uses (`t` is only read; resolve moves train.ema_rate into ema_rates)."""
-    for key in ("steps", "batch_size", "log_every", "max_nonfinite", "devices"):
-        if getattr(t, key) <= 0:
-            raise ConfigError(f"train.{key} must be positive, got {getattr(t, key)}")
-    if not 0 <= t.label_dropout < 1:
-        raise ConfigError(f"train.label_dropout must lie in [0, 1), got {t.label_dropout}")
-    if t.microbatch < 0:
-        raise ConfigError(f"train.microbatch must be 0 (whole batch) or positive, got {t.microbatch}")
-    rates = [t.ema_rate] if t.ema_rate is not None else t.ema_rates  # the old single-rate key
-    if not rates or not all(0 <= r < 1 for r in rates) or len(set(rates)) != len(rates):
-        raise ConfigError(f"train.ema_rates must be distinct rates in [0, 1), e.g. [0.9999, 0.999]; got {rates}")
+    """Check what the train keys' value rules (config_checks.RULES, applied by `validate` when a config is built
+    and again by the engine) cannot: the W&B mode and its package, and the precision on this device."""
     if t.wandb not in WANDB_MODES:
         raise ConfigError(f"unknown train.wandb '{t.wandb}'; choose from {', '.join(WANDB_MODES)}")
     if t.wandb != "none":
