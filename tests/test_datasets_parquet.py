@@ -11,7 +11,7 @@ from PIL import Image
 
 from difftrain.cli import main
 from difftrain.config import DataConfig
-from difftrain.data import BatchStream, DataError, load_data
+from difftrain.data import DataError, load_data, make_stream
 from difftrain.data.shards import ShardStream
 from tests.test_datasets_shards import value_of
 
@@ -55,7 +55,7 @@ def test_hub_layout_with_class_label_names_streams_every_row_once_an_epoch(tmp_p
     data = load_data(DataConfig(name="parquet", path=str(tmp_path), image_size=8, label_column="label",
                                 test_path=str(tmp_path)))
     assert data.train.class_names == NAMES and len(data.train) == 18 and data.train.num_units == 4  # 6+4, 6+2 rows
-    stream = BatchStream(data.train, 4, seed=1)
+    stream = make_stream(data.train, 4, seed=1)
     assert isinstance(stream, ShardStream)
     rows = [r for _ in range(9) for r in level_and_label(*stream.next())]  # 36 = two epochs
     expected = sorted((5 * i, i % 3) for i in range(18))
@@ -68,10 +68,10 @@ def test_binary_images_and_string_labels_give_sorted_class_names(tmp_path):
     path = write_parquet(tmp_path / "plain.parquet", 9, struct=False, labels="strings", image="png")
     data = load_data(DataConfig(name="parquet", path=str(path), image_size=8, image_column="png", label_column="label"))
     assert data.train.class_names == ["one", "two", "zero"]
-    x, y = BatchStream(data.train, 9, seed=0).next()
+    x, y = make_stream(data.train, 9, seed=0).next()
     assert sorted(level_and_label(x, y)) == sorted((5 * i, ["one", "two", "zero"].index(NAMES[i % 3])) for i in range(9))
     unlabelled = load_data(DataConfig(name="parquet", path=str(path), image_size=8, image_column="png"))
-    assert unlabelled.train.class_names == [] and BatchStream(unlabelled.train, 9).next()[1].tolist() == [0] * 9
+    assert unlabelled.train.class_names == [] and make_stream(unlabelled.train, 9).next()[1].tolist() == [0] * 9
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -80,15 +80,15 @@ def test_exact_resume_gives_the_batches_of_an_unbroken_stream(tmp_path, workers)
     write_parquet(tmp_path / "train-1.parquet", 6, start=11, row_group_size=4)
     data = load_data(DataConfig(name="parquet", path=str(tmp_path), image_size=8, label_column="label",
                                 num_workers=workers, prefetch=1))
-    unbroken = BatchStream(data.train, 5, seed=7, random_flip=True)
+    unbroken = make_stream(data.train, 5, seed=7, random_flip=True)
     whole = [unbroken.next() for _ in range(9)]  # 45 images: across row groups, files and two epoch ends
     for k in (1, 3, 4, 7):
-        first = BatchStream(data.train, 5, seed=7, random_flip=True)
+        first = make_stream(data.train, 5, seed=7, random_flip=True)
         for _ in range(k):
             first.next()
         state = first.state_dict()
         assert set(state) == {"epoch", "offset", "shard", "item"}
-        resumed = BatchStream(data.train, 5, seed=7, random_flip=True)
+        resumed = make_stream(data.train, 5, seed=7, random_flip=True)
         resumed.load_state_dict(state)
         for x, y in whole[k:k + 2]:
             rx, ry = resumed.next()
@@ -104,7 +104,7 @@ def test_a_broken_file_is_an_error_naming_it(tmp_path):
     (tmp_path / "train-1.parquet").write_bytes(good[: len(good) // 2] + good[-8:])  # footer kept, data cut
     with pytest.raises(DataError, match="train-1.parquet"):
         data = load_data(DataConfig(name="parquet", path=str(tmp_path), image_size=8))
-        stream = BatchStream(data.train, 8)
+        stream = make_stream(data.train, 8)
         stream.next()
 
 
@@ -123,7 +123,7 @@ def test_a_label_outside_the_class_label_names_or_the_training_classes_is_an_err
     pq.write_table(table.replace_schema_metadata(pq.read_schema(path).metadata), path)
     data = load_data(DataConfig(name="parquet", path=str(path), image_size=8, label_column="label"))
     with pytest.raises(DataError, match=r"train.parquet:row 2: the label 5 is outside the classes 0..2"):
-        BatchStream(data.train, 4).next()
+        make_stream(data.train, 4).next()
     strings = write_parquet(tmp_path / "s" / "train.parquet", 2, labels="strings")  # zero, one
     other = write_parquet(tmp_path / "s" / "test.parquet", 3, labels="strings")  # zero, one, two
     with pytest.raises(DataError, match=r"test.parquet:row 2: the label 'two' is none of the classes"):
@@ -135,7 +135,7 @@ def test_an_undecodable_image_is_skipped_with_a_warning_naming_the_row(tmp_path)
     table = pq.read_table(path)
     table = table.set_column(0, "image", pa.array([png(0), b"junk", png(10), None], pa.binary()))
     pq.write_table(table, path)
-    stream = BatchStream(load_data(DataConfig(name="parquet", path=str(path), image_size=8)).train, 2)
+    stream = make_stream(load_data(DataConfig(name="parquet", path=str(path), image_size=8)).train, 2)
     with pytest.warns(UserWarning, match=r"skipped 2 unreadable sample\(s\): .*train.parquet:row [13]"):
         x, _ = stream.next()
     assert sorted(value_of(x)) == [0, 10]

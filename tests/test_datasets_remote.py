@@ -6,7 +6,7 @@ import torch
 
 from difftrain.cli import main
 from difftrain.config import ConfigError, DataConfig, load_config
-from difftrain.data import BatchStream, DataError, load_data
+from difftrain.data import DataError, load_data, make_stream
 from difftrain.data.remote import HTTPFile, list_files, read_bytes
 from difftrain.data.shards import write_shards
 from tests.http_server import Behaviour, serve
@@ -22,7 +22,7 @@ def site(tmp_path):
 
 
 def batches(path, n=4, batch=3, seed=2):
-    stream = BatchStream(load_data(DataConfig(name="shards", path=str(path), image_size=8)).train, batch, seed=seed)
+    stream = make_stream(load_data(DataConfig(name="shards", path=str(path), image_size=8)).train, batch, seed=seed)
     return [(value_of(x), y.tolist()) for x, y in (stream.next() for _ in range(n))]
 
 
@@ -34,7 +34,7 @@ def test_shards_over_http_stream_as_the_local_ones(site):
         unindexed = f"{url}/shards/shard-{{000000..000003}}.tar"
         with pytest.warns(UserWarning, match="unlabelled"):
             data = load_data(DataConfig(name="shards", path=unindexed, image_size=8))
-        stream = BatchStream(data.train, 5)
+        stream = make_stream(data.train, 5)
         assert sorted(v for _ in range(2) for v in value_of(stream.next()[0])) == [10 * i for i in range(10)]
 
 
@@ -158,11 +158,11 @@ def test_parquet_over_http_reads_as_the_local_file(tmp_path, capsys):
 
     write_parquet(tmp_path / "site" / "data" / "train-00000-of-00001.parquet", 20, row_group_size=6)
     cfg = dict(name="parquet", image_size=8, label_column="label")
-    local = BatchStream(load_data(DataConfig(path=str(tmp_path / "site"), **cfg)).train, 7, seed=4)
+    local = make_stream(load_data(DataConfig(path=str(tmp_path / "site"), **cfg)).train, 7, seed=4)
     with serve(tmp_path / "site") as (url, seen):
         data = load_data(DataConfig(path=f"{url}/", **cfg))
         assert data.train.class_names == ["zero", "one", "two"] and data.train.num_units == 4
-        remote = BatchStream(data.train, 7, seed=4)
+        remote = make_stream(data.train, 7, seed=4)
         for _ in range(4):
             (a, ya), (b, yb) = local.next(), remote.next()
             assert torch.equal(a, b) and torch.equal(ya, yb)

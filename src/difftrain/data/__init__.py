@@ -22,7 +22,7 @@ from difftrain.data.latents import LatentSet
 from difftrain.data.memory import BatchStream, ImageSet, Splits
 from difftrain.data.mnist import load_mnist_splits
 from difftrain.data.normalize import apply_extras
-from difftrain.data.parquet import load_parquet_in_memory, load_parquet_set
+from difftrain.data.parquet import ParquetSet, load_parquet_in_memory, load_parquet_set
 from difftrain.data.shards import ShardSet, ShardStream, load_shard_set, load_shards_in_memory
 from difftrain.data.transform import PLAIN, DataTransform, data_transform, to_model_range, to_uint8
 from difftrain.registry import Registry
@@ -112,13 +112,14 @@ def load_data(cfg: DataConfig) -> Splits:
     return splits
 
 
-def make_stream(data: ImageSet | ShardSet, batch_size: int, *, transform: DataTransform = PLAIN,
+def make_stream(data: ImageSet | ShardSet | ParquetSet, batch_size: int, *, transform: DataTransform = PLAIN,
                 seed: int = 0, random_flip: bool = False,
                 device: torch.device | str = "cpu") -> BatchStream | ShardStream:
-    """The endless batch stream of a training split: a ShardStream for streamed shards, else a BatchStream
+    """The endless batch stream of a training split: a ShardStream for streamed units (tar shards, parquet row
+    groups), else a BatchStream
     (never flipping latents: their flipped images are latents of their own). Both have next(), state_dict()
     and load_state_dict(), and yield `transform.to_model` of the data."""
-    if isinstance(data, ShardSet):
+    if isinstance(data, (ShardSet, ParquetSet)):
         return ShardStream(data, batch_size, seed=seed, random_flip=random_flip, device=device, transform=transform)
     flip = random_flip and not isinstance(data, LatentSet)
     return BatchStream(data, batch_size, seed=seed, random_flip=flip, device=device, transform=transform)

@@ -31,6 +31,7 @@ from difftrain.data.folder import DECODE_ERRORS
 from difftrain.data.memory import ImageSet
 from difftrain.data.remote import is_url, join, list_files, local, open_binary
 from difftrain.data.shards import ShardStream, decode, expand_braces
+from difftrain.data.transform import PLAIN, DataTransform
 
 SPLIT_NAMES = {"train": ("train",), "test": ("test", "validation", "valid", "val")}
 
@@ -187,8 +188,8 @@ class ParquetSet:
         return images, torch.tensor(labels, dtype=torch.long), bad
 
     def make_stream(self, batch_size: int, *, seed: int = 0, random_flip: bool = False,
-                    device: torch.device | str = "cpu") -> ShardStream:
-        return ShardStream(self, batch_size, seed=seed, random_flip=random_flip, device=device)
+                    device: torch.device | str = "cpu", transform: DataTransform = PLAIN) -> ShardStream:
+        return ShardStream(self, batch_size, seed=seed, random_flip=random_flip, device=device, transform=transform)
 
 
 def _scan(files: list[str], image_column: str, label_column: str | None):

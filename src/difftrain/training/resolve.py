@@ -74,11 +74,11 @@ def resolve_for_dry_run(cfg: Config) -> tuple[Config, Splits | None, str | None]
     loaded on the CPU, never downloaded), the data, and None; or `cfg` as given, None and why the data cannot
     be read here. A batch larger than the training split is refused here, as in training."""
     from difftrain.training.distributed import World
-    from difftrain.training.tasks import TASKS, task_for
+    from difftrain.training.tasks import TASKS, resolve_task
 
     offline = replace(cfg, data=replace(cfg.data, download=False))  # a dry run never downloads; cfg stays as it is
     try:
-        data = TASKS[task_for(cfg)].load_data(offline, World(), torch.device("cpu"))
+        data = TASKS[resolve_task(cfg)].load_data(offline, World(), torch.device("cpu"))
     except DataError as e:
         return cfg, None, f"the data set cannot be read here ({e}); the values it gives are not filled in"
     t = cfg.train
