@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -31,29 +30,9 @@ import warnings
 from pathlib import Path
 
 from difftrain.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
-from difftrain.training.rundir import BEST_CHECKPOINT, BEST_RECORD, set_aside
+from difftrain.training.rundir import BEST_CHECKPOINT, BEST_KEYS, BEST_RECORD, record_problem, set_aside  # noqa: F401 (re-exported)
 
-BEST_KEYS = ("eval_frechet_distance", "eval_fid")  # the first one present ranks the checkpoints; lower is better
 ASIDE = "best-aside"
-
-
-def record_problem(record) -> str | None:
-    """Why `record` is not a usable best record (None: it is one)."""
-    if not isinstance(record, dict):
-        return f"it holds {type(record).__name__ if record is not None else 'null'}, not a record"
-    missing = [k for k in ("step", "key", "value") if k not in record]
-    if missing:
-        return f"it lacks {', '.join(missing)}"
-    step, key, value = record["step"], record["key"], record["value"]
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        return f"its step {step!r} is not a whole number >= 0"
-    if key not in BEST_KEYS:
-        return f"its key {key!r} is not one of {', '.join(BEST_KEYS)}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return f"its value {value!r} is not a finite number"
-    if not isinstance(record.get("settings", {}), dict):
-        return f"its settings {record['settings']!r} are not a mapping"
-    return None
 
 
 TAIL = 1 << 20

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import filecmp
 import json
+import math
 import os
 import re
 import shutil
@@ -43,6 +44,7 @@ from difftrain.training import metrics
 LOCK_FILE = ".lock"
 UNREADABLE = "unreadable"
 BEST_CHECKPOINT, BEST_RECORD = "best.pt", "best.json"
+BEST_KEYS = ("eval_frechet_distance", "eval_fid")  # the first one present ranks the checkpoints; lower is better
 GRID_FILE = re.compile(r"step-(\d{7,})(-raw)?\.png")  # samples/: a grid of a step, EMA or raw weights
 
 # Keys that change what a checkpoint's weights mean; every other key (steps, lr, intervals, device,
@@ -332,11 +334,28 @@ def move_run_aside(run_dir: Path) -> Path | None:
     return folder
 
 
+def record_problem(record) -> str | None:
+    """Why `record` is not a usable best record (None: it is one)."""
+    if not isinstance(record, dict):
+        return f"it holds {type(record).__name__ if record is not None else 'null'}, not a record"
+    missing = [k for k in ("step", "key", "value") if k not in record]
+    if missing:
+        return f"it lacks {', '.join(missing)}"
+    step, key, value = record["step"], record["key"], record["value"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        return f"its step {step!r} is not a whole number >= 0"
+    if key not in BEST_KEYS:
+        return f"its key {key!r} is not one of {', '.join(BEST_KEYS)}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"its value {value!r} is not a finite number"
+    if not isinstance(record.get("settings", {}), dict):
+        return f"its settings {record['settings']!r} are not a mapping"
+    return None
+
+
 def read_best(ckpt_dir: Path) -> dict | None:
     """checkpoints/best.json: {"step", "key", "value"} of checkpoints/best.pt; None when absent or unreadable."""
     try:
-        from difftrain.training.best import record_problem  # (best.py builds on this module)
-
         record = json.loads((Path(ckpt_dir) / BEST_RECORD).read_text())
         return record if record_problem(record) is None else None
     except (OSError, ValueError, UnicodeDecodeError):
