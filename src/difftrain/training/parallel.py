@@ -82,18 +82,33 @@ def no_gradient_sync(module: FSDPModule):
         module.set_requires_gradient_sync(True)
 
 
+def trained_names(module: nn.Module) -> list[str]:
+    """The names of the parameters the optimizer steps, in its order (torch.optim's index i is names[i])."""
+    return [n for n, p in module.named_parameters() if p.requires_grad]
+
+
+def by_name(state: dict) -> bool:
+    return all(isinstance(i, str) for g in state["param_groups"] for i in g["params"])
+
+
+def rekeyed(state: dict, key: dict) -> dict:
+    """An optimizer state dict with each parameter key k replaced by key[k]."""
+    try:
+        return {"state": {key[k]: s for k, s in state["state"].items()},
+                "param_groups": [{**g, "params": [key[k] for k in g["params"]]} for g in state["param_groups"]]}
+    except KeyError as e:
+        raise CheckpointError(f"the optimizer state has parameter {e.args[0]!r}, which the model lacks") from None
+
+
 def optimizer_by_name(state: dict, module: nn.Module) -> dict:
     """An optimizer state dict keyed by parameter index (torch.optim's own) re-keyed by parameter name (FSDP's
     full form); one keyed by name already is returned as it is."""
-    groups = state["param_groups"]
-    if all(isinstance(i, str) for g in groups for i in g["params"]):
-        return state
-    names = [n for n, p in module.named_parameters() if p.requires_grad]
-    try:
-        return {"state": {names[i]: s for i, s in state["state"].items()},
-                "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in groups]}
-    except IndexError:
-        raise CheckpointError(f"the optimizer state holds more parameters than the model's {len(names)}") from None
+    return state if by_name(state) else rekeyed(state, dict(enumerate(trained_names(module))))
+
+
+def optimizer_by_index(state: dict, module: nn.Module) -> dict:
+    """The reverse: keyed by name -> torch.optim's own (one process, or DDP, loading an FSDP checkpoint)."""
+    return rekeyed(state, {n: i for i, n in enumerate(trained_names(module))}) if by_name(state) else state
 
 
 class Parallel:
@@ -177,13 +192,11 @@ class Parallel:
     def load_optimizer_state_dict(self, opt: torch.optim.Optimizer, state: dict) -> None:
         """Load an optimizer state written by either kind (keyed by index, or by name under FSDP), on any world
         size: FSDP keeps this rank's shard of each whole tensor."""
-        named = optimizer_by_name(state, self.module)
-        if self.fsdp is not None:
-            set_optimizer_state_dict(self.fsdp, opt, named, options=StateDictOptions(full_state_dict=True))
-        elif named is not state:  # keyed by index: torch.optim's own
-            opt.load_state_dict(state)
+        if self.fsdp is None:
+            opt.load_state_dict(optimizer_by_index(state, self.module))
         else:
-            set_optimizer_state_dict(self.module, opt, named, options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(self.fsdp, opt, optimizer_by_name(state, self.module),
+                                     options=StateDictOptions(full_state_dict=True))
 
     def unwrap(self) -> nn.Module:
         """The plain module: what EMAs average and what sampling, grids and exports call."""
