@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from difftrain.checkpoint import list_checkpoints
 from difftrain.config import ConfigError, load_config
 from difftrain.models import build_model
 from difftrain.training import Engine
@@ -153,3 +154,27 @@ def test_an_fsdp_checkpoint_resumes_on_one_process(runs, tmp_path):
     tr.train_to_end()
     assert tr.step == STEPS + 2 and tr.task.parallel.fsdp is None and BATCH == tr.cfg.train.batch_size
     assert all(torch.isfinite(v).all() for v in tr.task.model.state_dict().values())
+
+
+@pytest.mark.slow
+def test_a_ddp_checkpoint_resumes_under_fsdp(runs, tmp_path):
+    """ddp -> fsdp: the AdamW state keyed by index is re-keyed by name and sharded; the run trains on."""
+    shutil.copytree(runs["ddp"] / "checkpoints", tmp_path / "checkpoints")
+    checked(torchrun(tmp_path, FSDP, f"train.steps={STEPS + 2}"))
+    state = last_checkpoint(tmp_path)
+    assert state["step"] == STEPS + 2
+    assert all(isinstance(k, str) for k in state["optimizer"]["state"])  # written by FSDP: keyed by name
+    steps = [s["step"] for s in state["optimizer"]["state"].values()]
+    assert all(float(s) == STEPS + 2 for s in steps)  # AdamW's own count went on from the DDP run's
+
+
+@pytest.mark.slow
+def test_kill_9_of_one_fsdp_rank_resumes_from_the_previous_checkpoint(runs, tmp_path):
+    run_dir = tmp_path / "killed"
+    proc = torchrun(run_dir, FSDP, "train.checkpoint_every=4", fault="1:6:SIGKILL", timeout=120)
+    assert proc.returncode != 0
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step-0000004.pt"]
+    checked(torchrun(run_dir, FSDP, "train.checkpoint_every=4"))
+    a, b = last_checkpoint(runs["fsdp"]), last_checkpoint(run_dir)
+    for key in ("model", "emas", "optimizer", "timestep_sampler", "data", "rng"):
+        assert_tensors_equal(a[key], b[key], key)
