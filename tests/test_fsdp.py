@@ -17,9 +17,9 @@ from difftrain.config import ConfigError, load_config
 from difftrain.models import build_model
 from difftrain.training import Engine
 from difftrain.training.distributed import World
+from difftrain.training.metrics import read_metrics
 from difftrain.training.options import check_train_config
 from difftrain.training.parallel import Parallel, blocks, optimizer_by_name
-from difftrain.training.metrics import read_metrics
 from tests.test_distributed import BATCH, OPTIONS, STEPS, checked, flat, last_checkpoint, torchrun
 from tests.test_engine_resume import assert_tensors_equal, metrics_without_speed
 
