@@ -64,7 +64,9 @@ def checkpoint_activations(model: nn.Module) -> None:
 
 def shard(model: nn.Module, param_dtype: torch.dtype | None) -> FSDPModule:
     """FSDP2 over `model` in place: each block its own unit, then the root (the rest: embeddings, final layer)."""
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    # The inputs keep their dtype (cast_forward_inputs=False): the timesteps and the RoPE tables stay fp32, as under
+    # DDP, where autocast alone decides which ops run in train.precision (it casts the bf16 weights' inputs too).
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for p in model.parameters():  # FSDP2 shards contiguous tensors only (train.channels_last makes convs' strided)
         p.data = p.data.contiguous()
     for block in blocks(model):
