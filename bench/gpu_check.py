@@ -1,4 +1,5 @@
-"""The GPU path in one prepared run: CUDA tests, every seed recipe at its real size, NCCL DDP with resume, MNIST.
+"""The GPU path in one prepared run: CUDA tests, every seed recipe at its real size, NCCL DDP with resume, FSDP with
+resume, MNIST.
 
     python bench/gpu_check.py                  # on a GPU machine: about 8 minutes; writes bench/results/gpu.{md,json}
     python bench/gpu_check.py --smoke          # on a CPU: the same stages at tiny sizes (checks the script itself)
@@ -259,6 +260,29 @@ def run_ddp_resume(work: Path, smoke: bool, logs: Path) -> dict:
             "steps_logged_once": steps == sorted(set(steps)), "tail": second["tail"][-600:]}
 
 
+def run_fsdp_resume(work: Path, smoke: bool, logs: Path) -> dict:
+    """train.parallel=fsdp with activation checkpointing under torchrun: 10 steps, then resume to 20. Sharding needs
+    2 ranks: one per GPU (NCCL, bf16) with 2 or more GPUs, else 2 gloo processes on the CPU (fp32)."""
+    gpus = 0 if smoke else torch.cuda.device_count()
+    procs, on_gpu = (gpus, True) if gpus >= 2 else (2, False)
+    run_dir = work / "runs" / "fsdp"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs), "-m"]
+    device = ["train.device=cuda", "train.precision=bf16"] if on_gpu else ["train.device=cpu", "train.precision=fp32"]
+    base = ["train", "digits-dit-flow", f"run_dir={run_dir}", "train.parallel=fsdp", "train.activation_checkpointing=true",
+            "train.compile=false", "train.checkpoint_every=10", "train.sample_every=0", "train.log_every=5",
+            "train.batch_size=16", "sample.steps=4", *QUIET, *device,
+            *(["model.hidden_size=32", "model.depth=2"] if not on_gpu else [])]
+    first = difftrain([*base, "train.steps=10"], logs / "fsdp-1.log", 240, launcher)
+    second = difftrain([*base, "train.steps=20"], logs / "fsdp-2.log", 240, launcher)
+    text = (logs / "fsdp-2.log").read_text()
+    rows = read_metrics(run_dir)
+    steps = [r["step"] for r in rows]
+    return {"stage": "fsdp-resume", "rc": max(first["rc"], second["rc"]), "seconds": first["seconds"] + second["seconds"],
+            "processes": procs, "device": "cuda (NCCL)" if on_gpu else "cpu (gloo: sharding needs 2 GPUs)",
+            "resumed": "resumed from" in text, "steps_logged_once": steps == sorted(set(steps)) and steps[-1:] == [20],
+            "losses": [r["loss"] for r in rows if "loss" in r], "tail": second["tail"][-600:]}
+
+
 def run_mnist_long(work: Path, smoke: bool, seconds_left: float, ips: float, logs: Path, out: Path) -> dict:
     """mnist-dit-flow for the rest of the budget (steps from the measured rate), then the classifier metric."""
     mnist, real = mnist_folder(work, 600 if smoke else 2000)
@@ -297,7 +321,7 @@ def write_markdown(report: dict, path: Path) -> None:
         lines.append(f"| {r['stage']} | {r.get('rc')} | {r.get('seconds', '-')} | {r.get('images_per_s', '-')} | {mfu} | "
                      f"{r.get('gflop_per_image', '-')} | {r.get('max_memory_gb', '-')} | {r.get('compile_s', '-')} | "
                      f"{loss} | {r.get('nan', '-')} |")
-    for key in ("cuda_tests", "ddp", "mnist"):
+    for key in ("cuda_tests", "ddp", "fsdp", "mnist"):
         lines += ["", f"`{key}`: `{json.dumps({k: v for k, v in report[key].items() if k != 'tail'})[:1500]}`"]
     path.write_text("\n".join(lines) + "\n")
 
@@ -323,6 +347,7 @@ def main() -> None:
     report["cuda_tests"] = run_cuda_tests(logs, args.smoke)
     report["stages"] = run_recipes(args.work, args.smoke, device, peak, logs)
     report["ddp"] = run_ddp_resume(args.work, args.smoke, logs)
+    report["fsdp"] = run_fsdp_resume(args.work, args.smoke, logs)
     ips = next((r.get("images_per_s") or 0 for r in report["stages"] if r["stage"] == "mnist-dit-flow"), 0)
     left = args.budget - (time.perf_counter() - start) - 60  # leave a minute for the evaluation
     report["mnist"] = run_mnist_long(args.work, args.smoke, left, ips, logs, args.out)

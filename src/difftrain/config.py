@@ -170,6 +170,9 @@ class TrainConfig(Section):
     label_dropout: float = 0.1  # fraction of labels replaced by the null class
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: a dynamic loss scaler; on a CPU only with train.device=cpu, slow)
     compile: bool = False  # torch.compile the model for training
+    # under torchrun: ddp (every rank a full copy) | fsdp (FSDP2: gradients and optimizer state sharded per block)
+    parallel: str = "ddp"
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (torch.utils.checkpoint)
     channels_last: bool = False  # channels-last memory format (convolutional models)
     max_nonfinite: int = 10  # stop after this many non-finite losses in a row
     log_every: int = 25

@@ -6,7 +6,8 @@ A task's step reads, in this order:
     stepper.begin(lr)                    set the lr, drop the last step's gradients
     stepper.backward(loss)               (per micro-batch) loss x the fp16 scale, backward
     norm = stepper.clip()                unscale (fp16), clip to train.grad_clip; the norm before clipping
-    stepper.step(finite)                 AdamW step (fp16: the scaler skips a non-finite one itself)
+    stepper.step(finite)                 AdamW step (fp16: the scaler skips a non-finite one itself); FSDP then
+                                         gathers the new weights into the plain module (Parallel.after_step)
     stepper.update_emas(step)            after a finite step only
 
 Checkpoint entries: "ema" and "emas" (training/ema.py), "optimizer", and "scaler" when the task
@@ -43,9 +44,8 @@ class Stepper:
     def __init__(self, parallel: Parallel, cfg: Config, lr: float, device: torch.device, loss_scaling: bool = True):
         t = cfg.train
         self.parallel = parallel
-        model = parallel.unwrap()
-        self.emas = [EMA(model, rate, t.ema_warmup, t.ema_start) for rate in t.ema_rates]
-        self.opt = adamw(model.parameters(), lr, t, device)
+        self.emas = [EMA(parallel.unwrap(), rate, t.ema_warmup, t.ema_start) for rate in t.ema_rates]
+        self.opt = adamw(parallel.parameters(), lr, t, device)  # FSDP: this rank's shards
         # fp16 scales the loss so small gradients survive; None: the task trains without one (no checkpoint entry)
         self.scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16") if loss_scaling else None
         self.max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
@@ -77,13 +77,14 @@ class Stepper:
             self.scaler.update()
         elif finite:
             self.opt.step()
+            self.parallel.after_step()
 
     def update_emas(self, step: int) -> None:
         for ema in self.emas:
             ema.update(self.parallel.unwrap(), step)
 
     def state_dict(self) -> dict:
-        state = {**ema_state(self.emas), "optimizer": self.opt.state_dict()}
+        state = {**ema_state(self.emas), "optimizer": self.parallel.optimizer_state_dict(self.opt)}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
         return state
@@ -92,6 +93,6 @@ class Stepper:
         """The EMAs (a rate the checkpoint lacks starts from the weights: load those first), the optimizer and the
         scaler (an empty or missing entry: a checkpoint without fp16 keeps the fresh scale)."""
         load_ema_state(self.emas, self.parallel.unwrap(), state, source)
-        self.opt.load_state_dict(state["optimizer"])
+        self.parallel.load_optimizer_state_dict(self.opt, state["optimizer"])
         if self.scaling and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])

@@ -10,6 +10,7 @@ import torch
 from difftrain.config import ConfigError, TrainConfig
 from difftrain.runtime import resolve_device
 from difftrain.training.metrics import WANDB_MODES
+from difftrain.training.parallel import PARALLEL
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -27,6 +28,11 @@ def check_train_config(t: TrainConfig, device: torch.device) -> None:
                               f"or set train.wandb=none") from None
     if t.precision not in PRECISIONS:
         raise ConfigError(f"unknown train.precision '{t.precision}'; choose from {', '.join(PRECISIONS)}")
+    if t.parallel not in PARALLEL:
+        raise ConfigError(f"unknown train.parallel '{t.parallel}'; choose from {', '.join(PARALLEL)}")
+    if t.parallel == "fsdp" and t.precision == "fp16":
+        raise ConfigError("train.parallel=fsdp takes train.precision=fp32 or bf16 (fp16's loss scaler is not "
+                          "sharded here); use bf16, or train.parallel=ddp for fp16")
     if t.precision != "fp32" and device.type == "cpu":
         check_cpu_precision(t)
 

@@ -84,7 +84,8 @@ class DiffusionTask:
         self.timesteps = build_timestep_sampler(t.timestep_sampler, self.process, device)
         self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
         self.model = self.build_network(resuming)
-        self.parallel = Parallel(self.model, world, device, compile=t.compile)  # DDP under torchrun, torch.compile
+        self.parallel = Parallel(self.model, world, device, compile=t.compile, kind=t.parallel,  # DDP / FSDP2, compile
+                                 param_dtype=PRECISIONS[t.precision], activation_checkpointing=t.activation_checkpointing)
         self.stepper = Stepper(self.parallel, cfg, base_lr(cfg, world.size), device)  # AdamW, fp16 scaler, EMAs
         self.emas = self.stepper.emas
         self.ema = self.emas[0]  # the default for sampling
