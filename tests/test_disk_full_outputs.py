@@ -7,6 +7,7 @@ import builtins
 import errno
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -45,20 +46,27 @@ class _FillingFile:
 def disk_full_after(monkeypatch, ok_files: int, under: Path, only: str | None = None) -> list[str]:
     """Files opened for writing under `under` (named `only`, if given) fill the disk once `ok_files` of them were
     written; returns the names opened (builtins.open: Pillow, atomic_write; io.open: Path.write_text)."""
-    real, opened, counted = builtins.open, [], []
+    real, real_os_open, opened, counted, paths = builtins.open, os.open, [], [], {}
+
+    def fake_os_open(path, flags, *args, **kwargs):  # atomic_write opens its temporary file O_EXCL | O_NOFOLLOW
+        fd = real_os_open(path, flags, *args, **kwargs)
+        paths[fd] = path
+        return fd
 
     def fake_open(file, mode="r", *args, **kwargs):
         f = real(file, mode, *args, **kwargs)
-        if any(c in mode for c in "wax+") and isinstance(file, (str, Path)) and Path(file).is_relative_to(under):
-            opened.append(Path(file).name)
-            if only in (None, Path(file).name):
-                counted.append(file)
+        name = paths.get(file) if isinstance(file, int) else file  # open(fd) of a file os.open made
+        if any(c in mode for c in "wax+") and isinstance(name, (str, Path)) and Path(name).is_relative_to(under):
+            opened.append(Path(name).name)
+            if only in (None, Path(name).name):
+                counted.append(name)
                 if len(counted) > ok_files:
                     return _FillingFile(f)
         return f
 
     monkeypatch.setattr(builtins, "open", fake_open)
     monkeypatch.setattr(io, "open", fake_open)
+    monkeypatch.setattr(os, "open", fake_os_open)
     return opened
 
 

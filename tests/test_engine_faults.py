@@ -164,7 +164,7 @@ def test_sigterm_during_an_evaluation_cuts_it_short_and_checkpoints(tmp_path, mo
     from difftrain.training.evaluate import Evaluator
 
     monkeypatch.setattr(Evaluator, "available", lambda self: {"classifier": None})  # (no reference data needed)
-    monkeypatch.setattr("difftrain.generation.generate", sigterm_then_wait)  # the signal comes while sampling
+    monkeypatch.setattr("difftrain.sampling.SamplingPlan.sample", sigterm_then_wait)  # the signal comes while sampling
     (tmp_path / "samples").mkdir(parents=True)
     (tmp_path / "samples" / ".step-0000003.png.tmp-999999").write_bytes(b"left by a killed writer")
     tr = make_trainer(tmp_path, "train.steps=12", "train.eval_every=3")
@@ -182,7 +182,7 @@ def test_sigterm_during_the_final_evaluation_still_writes_the_final_weights(tmp_
     from difftrain.training.evaluate import Evaluator
 
     monkeypatch.setattr(Evaluator, "available", lambda self: {"classifier": None})  # (no reference data needed)
-    monkeypatch.setattr("difftrain.generation.generate", sigterm_then_wait)  # the signal comes while sampling
+    monkeypatch.setattr("difftrain.sampling.SamplingPlan.sample", sigterm_then_wait)  # the signal comes while sampling
     make_trainer(tmp_path, "train.steps=4", "train.eval_every=10").run()
     err = capsys.readouterr().err
     assert "SIGTERM during the evaluation at step 4" in err
