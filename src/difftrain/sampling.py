@@ -35,11 +35,11 @@ class Guidance:
     or autoguidance by a guide model (Karras et al. 2024, eq. 2), D = D_g + scale (D_c - D_g)."""
 
     scale: float = 1.0  # 1: the plain conditional model, 0: the unconditional one (cfg) or the guide (auto)
-    guide: str = "cfg"  # cfg | auto (`SamplingPlan.sample(..., guide=MODEL)`) | none: the conditional model alone
     null_label: int | None = None  # the null class (the model's num_classes); None: an unconditional model
     interval: tuple[float, float] | None = None  # in sigma, lo < sigma <= hi; None: every sigma
     interval_t: tuple[float, float] | None = None  # the older form (sample.guidance_interval), t / T in [lo, hi]
     guided_channels: int | None = None  # a learned-variance model guides its first C channels only
+    guide: str = "cfg"  # cfg | auto (`SamplingPlan.sample(..., guide=MODEL)`) | none: the conditional model alone
 
 
 def identity(x: Tensor) -> Tensor:
