@@ -165,3 +165,22 @@ def test_cli_sample_and_eval_take_guide_and_guide_weights(tiny_run, tmp_path):
                      "--guide-weights", "raw", "--device", "cpu", check=False)
     assert result.returncode == 0, result.stderr
     assert "autoguidance by raw" in result.stdout
+
+
+def test_training_with_sample_guide_auto_draws_its_grids_and_evaluations_classifier_free(tmp_path, monkeypatch):
+    """The guide of sample.guide=auto is picked from the finished run, so training's grids and evaluations (which
+    have no guide) use classifier-free guidance at sample.guidance instead of stopping the run (Evaluator builds its
+plan the same way)."""
+    from difftrain.config import load_config
+    from difftrain.training import train
+    from tests.conftest import TINY
+
+    drawn = []
+    sample = SamplingPlan.sample
+    monkeypatch.setattr(SamplingPlan, "sample", lambda plan, *a, **k: drawn.append(plan.guidance) or sample(plan, *a, **k))
+    cfg = load_config("digits", [f"run_dir={tmp_path / 'run'}", *TINY, "train.steps=2", "train.sample_every=2",
+                                 "sample.guide=auto", "sample.guide_weights=ema", "sample.guidance=2"])
+    run_dir = train(cfg)
+    assert (run_dir / "samples" / "final.png").is_file() and drawn
+    assert all(g.guide == "cfg" and g.scale == 2 for g in drawn)
+    assert load_run(run_dir).cfg.sample.guide == "auto"  # the run keeps its sampling default

@@ -4,7 +4,8 @@
 classes, latent, data): it builds the process, refuses a sampler that does not apply to it, computes the sigmas
 and the sampler's options, checks the guidance interval and loads the latent decoder. `plan.sample(model, n,
 labels=..., seed=...)` then draws uint8 images from any `model(x, t, y=None)` with the run's interface (the run's
-network, an EMA, a student; autoguidance takes a second model, the guide): sample i depends only on (seed, i, label i), not on the batching.
+network, an EMA, a student; autoguidance takes a second model, the guide): sample i depends only on
+(seed, i, label i), not on the batching.
 `SamplingPlan.build(process, shape, ...)` makes a plan without a run config. `generation.generate` is the
 one-call wrapper of both steps.
 """
@@ -154,6 +155,12 @@ class SamplingPlan:
     def images(self, x: Tensor) -> Tensor:
         """Sampled states (or a model's input x_t) as uint8 images on the CPU."""
         return to_uint8(self.to_images(x)).cpu()
+
+
+def training_guide(cfg: Config) -> str:
+    """The guide of the grids and evaluations drawn during training: the run's sample.guide, but classifier-free for
+    auto, whose guide is picked from the finished run's weights (`generation.load_guide`)."""
+    return "cfg" if cfg.sample.guide == "auto" else cfg.sample.guide
 
 
 def data_range(cfg: Config) -> Callable[[Tensor], Tensor]:
