@@ -13,8 +13,8 @@ from difftrain.config import ConfigError, config_from_dict
 from difftrain.generation import cycled_labels, load_guide, load_run
 from difftrain.samplers import guided_denoiser
 from difftrain.sampling import Guidance, SamplingPlan
-from tests.conftest import run_cli
 from tests.samplers_common import NUM_CLASSES, SHAPE, tiny_config, tiny_unet
+from tests.test_eval_digits import eval_cache  # noqa: F401  (the shared, session-scoped classifier cache)
 from tests.test_sampling_plan import PROCESSES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -146,25 +146,32 @@ def test_a_guide_of_another_architecture_is_refused_naming_each_difference(tiny_
     assert "diffusion.prediction: guide v vs run eps" in str(e.value) and "dropout" not in str(e.value)
 
 
-def test_cli_sample_and_eval_take_guide_and_guide_weights(tiny_run, tmp_path):
+def test_cli_sample_and_eval_take_guide_and_guide_weights(tiny_run, tmp_path, eval_cache, capsys):  # noqa: F811
+    from difftrain.cli import main
+
+    def cli(*argv):
+        rc = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return rc, out, err
+
     def sample(*extra):
         out = tmp_path / f"s{len(list(tmp_path.iterdir()))}.npz"
-        run_cli("sample", str(tiny_run), "--n", "6", "--steps", "3", "--quiet", "--format", "npz", "--out", str(out),
-                "--device", "cpu", *extra)
+        assert cli("sample", tiny_run, "--n", "6", "--steps", "3", "--quiet", "--format", "npz", "--out", out,
+                   "--device", "cpu", *extra)[0] == 0
         return np.load(out)["arr_0"]
 
     auto = sample("--guide", "auto", "--guide-weights", "checkpoints/step-0000010.pt", "--guidance", "2")
     same = sample("--guide", "auto", "--guide-weights", "ema", "--guidance", "2")
     none = sample("--guide", "none", "--guidance", "2")
     assert np.array_equal(same, none) and not np.array_equal(auto, none)
-    result = run_cli("sample", str(tiny_run), "--guide", "auto", "--quiet", check=False)
-    assert result.returncode == 2 and "difftrain: error: sample.guide=auto needs the guide's weights" in result.stderr
-    result = run_cli("sample", str(tiny_run), "--guide-weights", "raw", "--quiet", check=False)
-    assert result.returncode == 2 and "give --guide auto with it" in result.stderr
-    result = run_cli("eval", str(tiny_run), "--n", "20", "--steps", "2", "--quiet", "--guide", "auto",
-                     "--guide-weights", "raw", "--device", "cpu", check=False)
-    assert result.returncode == 0, result.stderr
-    assert "autoguidance by raw" in result.stdout
+    rc, _, err = cli("sample", tiny_run, "--guide", "auto", "--quiet")
+    assert rc == 2 and "difftrain: error: sample.guide=auto needs the guide's weights" in err
+    rc, _, err = cli("sample", tiny_run, "--guide-weights", "raw", "--quiet")
+    assert rc == 2 and "give --guide auto with it" in err
+    rc, out, err = cli("eval", tiny_run, "--n", "20", "--steps", "2", "--quiet", "--guide", "auto",
+                       "--guide-weights", "raw", "--device", "cpu", "--cache-dir", eval_cache)
+    assert rc == 0, err
+    assert "autoguidance by raw" in out
 
 
 def test_training_with_sample_guide_auto_draws_its_grids_and_evaluations_classifier_free(tmp_path, monkeypatch):
