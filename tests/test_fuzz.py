@@ -194,6 +194,9 @@ def options(pool: dict[str, st.SearchStrategy]) -> st.SearchStrategy:
 
 SMALL = st.sampled_from(["0", "-1", "1", "2", "nan", "abc", "", "1e3", "99999999999999999999"])
 FEW = st.sampled_from(["0", "-1", "1", "2", "3", "nan", "abc", "", "-0"])  # counts that make real work stay small
+GUIDE = st.sampled_from(["cfg", "auto", "none", "x", ""])
+GUIDE_WEIGHTS = st.sampled_from(["ema", "raw", "ema-0.999", "ema-0.5", "ema-", "checkpoints/step-0000010.pt",
+                                 "nope.pt", "config.yaml", "x.safetensors", "phema-0.1", "checkpoints", ""])
 SAMPLE_OPTIONS = {
     "--n": FEW, "--steps": FEW, "--batch-size": SMALL, "--seed": SMALL,
     "--sampler": st.sampled_from(["ddim", "euler", "heun", "dpmpp-2m", "dpmpp-2m-sde", "dpm", ""]),
@@ -201,6 +204,7 @@ SAMPLE_OPTIONS = {
     "--guidance": st.sampled_from(["0", "1", "3", "-2", "1e300", "nan", "inf", "abc"]),
     "--guidance-interval": st.sampled_from(["0.1,0.7", "0,1", "0.5,inf", "0.9,0.1", "a,b", "1", "nan,1", "-1,2", ""]),
     "--guidance-interval-t": st.sampled_from(["0.1,0.7", "0,1", "0.9,0.1", "0.5,inf", "nan,1", ""]),
+    "--guide": GUIDE, "--guide-weights": GUIDE_WEIGHTS,
     "--eta": st.sampled_from(["0", "1", "1e300", "-1", "nan"]),
     "--variance": st.sampled_from(["small", "large", "learned", "auto", "x"]),
     "--spacing": st.sampled_from(["leading", "trailing", "linspace", "karras", "x"]),
@@ -226,7 +230,7 @@ def test_sample_options_work_or_exit_2(tiny_run, tmp_path, capsys, argv):
 EVAL_OPTIONS = {
     "--n": FEW, "--steps": FEW, "--batch-size": SMALL, "--seed": SMALL,
     "--guidance": st.sampled_from(["0", "3", "1e300", "nan", "-inf"]), "--sampler": st.sampled_from(["ddim", "euler", "x"]),
-    "--metric": st.sampled_from(["digits", "fid", "x"]),
+    "--metric": st.sampled_from(["digits", "fid", "x"]), "--guide": GUIDE, "--guide-weights": GUIDE_WEIGHTS,
     "--ema": st.sampled_from(["ema", "raw", "abc"]), "--device": st.sampled_from(["cpu", "bogus"]),
     "--inception-weights": st.sampled_from(["/nonexistent.pth", ""]),
 }

@@ -15,6 +15,7 @@ from difftrain.cli_ema import add_ema_command
 from difftrain.config import ConfigError, load_config, recipe_names, recipe_text
 from difftrain.config_checks import (
     COUNT_OPTION,
+    GUIDES,
     NONNEGATIVE_OPTION,
     NUMBER_OPTION,
     SEED_OPTION,
@@ -132,9 +133,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     classes = parse_classes(args.classes, num_classes) if (num_classes and args.classes) else None
     labels = cycled_labels(args.n, num_classes, classes)
     frames: list | None = [] if args.trajectory else None
-    plan = run.plan(sampler=args.sampler, steps=args.steps, guidance=args.guidance, eta=args.eta,
+    plan = run.plan(sampler=args.sampler, steps=args.steps, guidance=args.guidance, guide=args.guide, eta=args.eta,
                     batch_size=args.batch_size)
-    images = plan.sample(run.model, args.n, labels=labels, seed=args.seed, progress=not args.quiet, trajectory=frames)
+    images = plan.sample(run.model, args.n, labels=labels, seed=args.seed, progress=not args.quiet, trajectory=frames,
+                         guide=_guide_model(run, plan, args))
     default_out = {"grid": "samples.png", "npz": "samples.npz", "png-dir": "samples"}[args.format]
     out = write_samples(images, labels, Path(args.out or default_out), args.format, run.class_names)
     print(f"wrote {len(images)} samples ({args.format}) from {run.source} (step {run.step}) to {out}")
@@ -193,10 +195,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from difftrain.generation import cycled_labels
 
         labels = cycled_labels(args.n, run.cfg.model.num_classes or 0)
-        plan = run.plan(sampler=args.sampler, steps=args.steps, guidance=args.guidance, batch_size=args.batch_size)
-        images = plan.sample(run.model, args.n, labels=labels, seed=args.seed, progress=not args.quiet)
+        plan = run.plan(sampler=args.sampler, steps=args.steps, guidance=args.guidance, guide=args.guide,
+                        batch_size=args.batch_size)
+        guide = _guide_model(run, plan, args)
+        images = plan.sample(run.model, args.n, labels=labels, seed=args.seed, progress=not args.quiet, guide=guide)
+        how = {"cfg": "classifier-free", "none": "none", "auto": f"autoguidance by {_guide_weights(run, args)}"}
         source = (f"{run.source} (step {run.step}, {args.ema} weights): {args.n} samples, seed {args.seed}, "
-                  f"{plan.spec.name} {plan.steps} steps, guidance {plan.guidance.scale:g}")
+                  f"{plan.spec.name} {plan.steps} steps, guidance {plan.guidance.scale:g} ({how[plan.guidance.guide]})")
     metric = args.metric or default_metric(data)
     result = evaluate_samples(images, labels, metric, data=data, cache=args.cache_dir,
                               inception_weights=args.inception_weights, device=str(resolve_device(args.device)),
@@ -210,6 +215,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
         atomic_write_text(Path(args.json), json.dumps(result, indent=2) + "\n", what="eval results")
         print(f"wrote {args.json}")
     return 0
+
+
+def _guide_weights(run, args: argparse.Namespace) -> str:
+    return args.guide_weights or run.cfg.sample.guide_weights
+
+
+def _guide_model(run, plan, args: argparse.Namespace):
+    """The guide model of `--guide auto` (sample.guide=auto), from --guide-weights or sample.guide_weights; None else."""
+    from difftrain.generation import load_guide
+
+    if plan.guidance.guide != "auto":
+        if args.guide_weights:
+            raise ConfigError(f"--guide-weights names the guide of autoguidance; give --guide auto with it "
+                              f"(the guidance is '{plan.guidance.guide}')")
+        return None
+    return load_guide(run, _guide_weights(run, args)).model
 
 
 def _eval_nll(args: argparse.Namespace) -> int:
@@ -266,7 +287,8 @@ def _add_eval_command(sub) -> None:
     e.add_argument("--n", type=COUNT_OPTION, default=1000, help="samples to draw from RUN (default 1000)")
     e.add_argument("--sampler", type=SAMPLER_OPTION, default=None, help="default: the recipe's")
     e.add_argument("--steps", type=COUNT_OPTION, default=None)
-    e.add_argument("--guidance", type=NUMBER_OPTION, default=None, help="classifier-free guidance scale (default: the recipe's)")
+    e.add_argument("--guidance", type=NUMBER_OPTION, default=None, help="guidance weight (default: the recipe's)")
+    _guide_options(e)
     e.add_argument("--seed", type=SEED_OPTION, default=0)
     e.add_argument("--batch-size", type=COUNT_OPTION, default=None)
     e.add_argument("--ema", default="ema", metavar="ema|raw|RATE|phema-SIGMA",
@@ -303,6 +325,17 @@ def _add_report_command(sub) -> None:
     r.set_defaults(func=cmd_report)
 
 
+def _guide_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--guide", choices=GUIDES, default=None,
+                   help="what --guidance mixes with: cfg (classifier-free, D_u + w (D_c - D_u)), auto (autoguidance, "
+                        "D_g + w (D_c - D_g) with the guide of --guide-weights), none (the conditional model); "
+                        "default: the recipe's sample.guide")
+    p.add_argument("--guide-weights", default=None, metavar="ema-RATE|raw|phema-SIGMA|FILE.pt|FILE.safetensors",
+                   help="--guide auto: the guide's weights, of the same architecture: an EMA of the run (ema-0.9), "
+                        "raw, a post-hoc EMA, a step's checkpoint (checkpoints/step-0000100.pt: its raw weights) "
+                        "or a weights file (default: sample.guide_weights)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="difftrain", description="Train, sample and evaluate image diffusion models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -323,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=COUNT_OPTION, default=None, help="sampling steps; ddpm walks all timesteps unless --respacing")
     s.add_argument("--respacing", default=None, help='guided-diffusion timestep_respacing: "250", "ddim50", "10,15,20"')
     s.add_argument("--guidance", type=NUMBER_OPTION, default=None,
-                   help="classifier-free guidance scale (1 = none, 0 = unconditional)")
+                   help="guidance weight w (1 = the conditional model; 0 = unconditional, or the guide with --guide auto)")
+    _guide_options(s)
     s.add_argument("--guidance-interval", type=SIGMA_INTERVAL_OPTION, default=None, metavar="SIGMA_LO,SIGMA_HI",
                    help="guide only where SIGMA_LO < sigma <= SIGMA_HI, the sampler's noise level (e.g. 0.28,5.42; "
                         "HI may be inf); elsewhere the conditional model")

@@ -207,7 +207,11 @@ class SampleConfig(Section):
     spacing: str = "trailing"  # leading | trailing | linspace | karras (Karras et al. 2022 sigmas, rho 7)
     respacing: str = ""  # guided-diffusion's timestep_respacing ("250", "ddim50", "10,15,20"); overrides steps/spacing
     variance: str = "auto"  # ddpm: small | large | learned; auto = learned with diffusion.learn_sigma, else small
-    guidance: float = 3.0  # classifier-free guidance scale; 1 = conditional only, 0 = unconditional
+    guidance: float = 3.0  # guidance weight w; 1 = conditional only, 0 = unconditional (cfg) / the guide alone (auto)
+    # cfg: classifier-free, D_u + w (D_c - D_u); auto: autoguidance (Karras et al. 2024), D_g + w (D_c - D_g) with
+    # the guide model of guide_weights; none: the conditional model alone
+    guide: str = "cfg"
+    guide_weights: str = ""  # guide=auto: ema-RATE / raw / phema-SIGMA of the run, a checkpoint .pt or a .safetensors
     # guide only where lo < sigma <= hi, the sampler's noise level (Kynkaanniemi et al. 2024, EDM2); null: everywhere
     guidance_interval_sigma: list[float] | None = None
     # the older form, in the model's time: guide only for t / T in [lo, hi] (kept, so old runs mean what they meant)

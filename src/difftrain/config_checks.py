@@ -129,6 +129,8 @@ def _sigma_interval(v: Any) -> bool:
 
 # The guidance intervals' one home: the config rules, the CLI options and the sampling plan check these.
 T_INTERVAL: Rule = (_interval, "[lo, hi] with 0 <= lo <= hi <= 1 (fractions t / T of the model's time)")
+GUIDES = ("cfg", "auto", "none")  # sample.guide, --guide: what the guidance weight mixes with (samplers/guidance.py)
+GUIDE: Rule = (lambda v: v in GUIDES, "one of " + ", ".join(GUIDES))
 SIGMA_INTERVAL: Rule = (_sigma_interval, "[lo, hi] with 0 <= lo <= hi (noise levels sigma; hi may be inf), or null")
 
 
@@ -257,6 +259,7 @@ RULES: dict[str, Rule] = {
     # sample
     "sample.steps": COUNT,
     "sample.guidance": number(),
+    "sample.guide": GUIDE,
     "sample.guidance_interval": T_INTERVAL,
     "sample.guidance_interval_sigma": SIGMA_INTERVAL,
     "sample.eta": number(0),
@@ -300,7 +303,7 @@ CHECKED_WHERE_USED = frozenset({
     "train.compile", "train.parallel", "train.activation_checkpointing", "train.channels_last", "train.resume",
     "train.device", "train.tensorboard", "train.wandb",
     "train.progress", "train.allow_config_change", "train.eval_sampler",
-    "sample.sampler", "sample.spacing", "sample.respacing", "sample.variance", "sample.clip_x0",
+    "sample.sampler", "sample.guide_weights", "sample.spacing", "sample.respacing", "sample.variance", "sample.clip_x0",
     "autoencoder.kind", "autoencoder.codebook", "autoencoder.rec_loss", "autoencoder.lpips_required",
     "autoencoder.adaptive_weight",
     "latent.first_stage", "latent.first_stage_weights", "latent.posterior", "latent.cache", "latent.cache_path",

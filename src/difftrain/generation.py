@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,21 +41,27 @@ class LoadedRun:
     step: int
     class_names: list[str]
     source: Path
+    run_dir: Path | None = None  # the run directory it came from (a checkpoint's RUN of RUN/checkpoints/step-N.pt)
 
     def plan(self, **overrides) -> SamplingPlan:
         """The run's sampling plan on its model's device; `overrides` as `SamplingPlan.from_config` takes them."""
         return SamplingPlan.from_config(self.cfg, device=next(self.model.parameters()).device, **overrides)
 
 
-def load_run(path: str | Path, *, weights: str = "ema", device: str | torch.device = "cpu") -> LoadedRun:
+def load_run(path: str | Path, *, weights: str = "ema", device: str | torch.device = "cpu",
+             like: Config | None = None) -> LoadedRun:
     """Model and config from a run directory (its newest valid checkpoint) or a checkpoint file.
 
     `weights` is "ema" (the first EMA rate, the default for sampling), "raw", an EMA rate ("0.9999"), a post-hoc
     EMA written by `difftrain ema` ("phema-0.1": RUN/weights-phema-0.1.safetensors) or a .safetensors file.
+    `like`: the config of the run this one guides; another model or diffusion section is refused, naming each
+    difference, before any weights are loaded.
     """
     path = Path(path)
     source, state = read_run_checkpoint(path)
     cfg = config_from_dict(state["config"])
+    if like is not None:
+        _refuse_another_family(cfg, like, source)
     if cfg.autoencoder.kind != "none":
         raise ConfigError(f"'{path}' is an autoencoder run (autoencoder.kind={cfg.autoencoder.kind}): it reconstructs, "
                           f"it does not sample; name it as latent.first_stage of a latent diffusion recipe")
@@ -68,7 +74,52 @@ def load_run(path: str | Path, *, weights: str = "ema", device: str | torch.devi
         tensors = select_weights(state, weights, str(source))
     load_model_state(model, tensors, str(source))
     model.to(resolve_device(str(device)) if isinstance(device, str) else device).eval()
-    return LoadedRun(cfg, model, step, list(state.get("class_names", [])), source)
+    run_dir = path if path.is_dir() else _run_dir_of(path)
+    return LoadedRun(cfg, model, step, list(state.get("class_names", [])), source, run_dir)
+
+
+GUIDE_WEIGHTS = "ema-RATE (an EMA rate of train.ema_rates), ema, raw, phema-SIGMA, a checkpoint .pt or a .safetensors"
+
+
+def load_guide(run: LoadedRun, weights: str) -> LoadedRun:
+    """The guide of autoguidance (`sample.guide=auto`), on the device of `run`'s model: `weights` names other weights
+    of the run (`GUIDE_WEIGHTS`: "ema-0.9" is the EMA of rate 0.9, so is "0.9"), a step's checkpoint .pt (its raw
+    weights; a relative path is read from the working directory, else from the run directory) or a .safetensors
+    file. The guide must have the run's architecture and process (model and diffusion sections), else a
+    ConfigError naming each difference."""
+    if not weights:
+        raise ConfigError(f"sample.guide=auto needs the guide's weights: --guide-weights {GUIDE_WEIGHTS}")
+    device = next(run.model.parameters()).device
+    name, run_dir = weights.removeprefix("ema-") if weights.startswith("ema-") else weights, run.run_dir or Path(".")
+    if name.endswith((".pt", ".safetensors")) and not Path(name).is_absolute() and not Path(name).exists():
+        name = str(run_dir / name)
+    if name.endswith(".pt"):
+        return load_run(name, weights="raw", device=device, like=run.cfg)
+    return load_run(run.source if run.source.suffix == ".pt" else run_dir, weights=name, device=device, like=run.cfg)
+
+
+# What a guide shares with the run it guides: the network (all model keys but those of training only) and the D(x; sigma)
+# its output stands for (the process keys sampling reads), so the two outputs mix as two denoisers (samplers/guidance).
+TRAINING_ONLY_MODEL_KEYS = ("init_from", "weight_init", "dropout")
+DENOISER_KEYS = ("process", "timesteps", "schedule", "beta_start", "beta_end", "prediction", "zero_terminal_snr",
+                 "learn_sigma", "shift", "sigma_data")
+
+
+def _refuse_another_family(cfg: Config, like: Config, source: Path) -> None:
+    """A ConfigError naming each model / D(x; sigma) key where `cfg` (a guide's) differs from `like` (the run's)."""
+    ours, theirs = asdict(cfg.model), asdict(like.model)
+    changed = [f"model.{key}: guide {_show(value)} vs run {_show(theirs[key])}" for key, value in ours.items()
+               if key not in TRAINING_ONLY_MODEL_KEYS and value != theirs[key]]
+    changed += [f"diffusion.{key}: guide {_show(getattr(cfg.diffusion, key))} vs run "
+                f"{_show(getattr(like.diffusion, key))}" for key in DENOISER_KEYS
+                if getattr(cfg.diffusion, key) != getattr(like.diffusion, key)]
+    if changed:
+        raise ConfigError(f"the guide '{source}' has another architecture or process than the run; autoguidance "
+                          "mixes two models of the same family:\n  " + "\n  ".join(changed))
+
+
+def _show(value) -> str:
+    return "null" if value is None else str(value)
 
 
 def _run_dir_of(checkpoint: Path) -> Path:

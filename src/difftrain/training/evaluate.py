@@ -175,14 +175,14 @@ class Evaluator:
     def draw(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """train.eval_samples uint8 samples of the default EMA and their labels (None: unconditional)."""
         from difftrain.generation import cycled_labels
-        from difftrain.sampling import SamplingPlan
+        from difftrain.sampling import SamplingPlan, training_guide
 
         k = self.cfg.model.num_classes or 0
         labels = cycled_labels(self.n, k) if k else None
         model = self.model
         if self.plan is None:
             self.plan = SamplingPlan.from_config(self.cfg, device=next(model.parameters()).device,
-                                                 sampler=self.sampler, steps=self.steps)
+                                                 sampler=self.sampler, steps=self.steps, guide=training_guide(self.cfg))
         # A stop signal cuts the sampling (nearly all of an evaluation's time) short with Stopped; the scoring and
         # the reference data (whose caches are written as they are computed) are never interrupted midway.
         with self.stop.interruptible() if self.stop is not None else contextlib.nullcontext():

@@ -24,7 +24,7 @@ from difftrain.interop import init_weights
 from difftrain.models import build_model
 from difftrain.processes import build_process
 from difftrain.samplers import sampler_steps
-from difftrain.sampling import SamplingPlan
+from difftrain.sampling import SamplingPlan, training_guide
 from difftrain.training import distributed
 from difftrain.training.distributed import World
 from difftrain.training.evaluate import Evaluator
@@ -237,7 +237,8 @@ class DiffusionTask:
         cols = 10 if 0 < num_classes <= 10 else (5 if num_classes else 8)
         labels = cycled_labels(rows * cols, num_classes, list(range(rows)))
         if self.grid_plan is None:
-            self.grid_plan = SamplingPlan.from_config(self.cfg, device=next(model.parameters()).device)
+            self.grid_plan = SamplingPlan.from_config(self.cfg, device=next(model.parameters()).device,
+                                                      guide=training_guide(self.cfg))
         images = self.grid_plan.sample(model, rows * cols, labels=labels, seed=self.cfg.train.seed)
         write_grid(images, labels, path)
         if log is not None:
