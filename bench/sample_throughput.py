@@ -19,7 +19,6 @@ Writes bench/results/sample_throughput.json and .md.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import tempfile
 from pathlib import Path
@@ -64,6 +63,7 @@ def diffusers_pipeline(unet, cfg, labels: torch.Tensor, steps: int, guidance: fl
 
 
 def main() -> None:
+    from difftrain.config import thaw
     from difftrain.generation import cycled_labels
     from difftrain.samplers import SAMPLERS as TABLE
     from difftrain.samplers import model_calls
@@ -100,7 +100,7 @@ def main() -> None:
     for steps in step_counts:
         for name in samplers:
             key = f"difftrain {name} {steps}"
-            run_cfg = copy.deepcopy(cfg)
+            run_cfg = thaw(cfg)  # a writable copy of the run's resolved (frozen) config
             if TABLE[name].every_timestep:  # ddpm: `steps` of the 1000 timesteps (guided-diffusion respacing)
                 run_cfg.sample.respacing = str(steps)
             plan = SamplingPlan.from_config(run_cfg, device=next(model.parameters()).device, sampler=name, steps=steps,

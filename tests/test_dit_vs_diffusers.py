@@ -165,7 +165,7 @@ def test_engine_and_peer_loop_take_the_same_steps(peers_module, tmp_path):
         "train.warmup_steps=0", "train.lr_schedule=constant", f"train.steps={STEPS}", "train.weight_decay=0.01",
         "train.grad_clip=0.05"])  # a clip that binds, so the clipping is compared too
     engine = Engine(cfg)
-    peer = peers_module.DiTFlowPeer(cfg, 32, 2, 2, 2, peers_module.recipe_hparams(cfg), seed=0, label_dropout=0.0)
+    peer = peers_module.DiTFlowPeer(engine.cfg, 32, 2, 2, 2, peers_module.recipe_hparams(engine.cfg), seed=0, label_dropout=0.0)
     task = engine.task
     start = {k: v.clone() for k, v in peer.dit.state_dict().items()}
     task.model.load_state_dict(dit_from_peer(start, task.model))
@@ -196,5 +196,5 @@ def test_engine_and_peer_loop_take_the_same_steps(peers_module, tmp_path):
     weights, after = dit_to_peer(task.model), peer.dit.state_dict()
     assert max(relative(weights[k], after[k]) for k in weights) <= 1e-6
     assert max(relative(after[k], start[k].double()) for k in weights) > 1e-3  # the steps moved the weights
-    fresh = peers_module.DiTFlowPeer(cfg, 32, 2, 2, 2, peers_module.recipe_hparams(cfg), seed=0)
+    fresh = peers_module.DiTFlowPeer(engine.cfg, 32, 2, 2, 2, peers_module.recipe_hparams(engine.cfg), seed=0)
     assert math.isfinite(fresh.step())  # the example's own draws (logit-normal u on the scheduler's grid) still run

@@ -63,9 +63,12 @@ class ToyTask:
     def refusal(cfg):
         return None
 
-    def __init__(self, cfg, world, device, resuming=False):
-        self.cfg = cfg
-        self.data = load_data(cfg.data)
+    @staticmethod
+    def load_data(cfg, world, device):
+        return load_data(cfg.data)
+
+    def __init__(self, cfg, data, world, device, resuming=False):
+        self.cfg, self.data = cfg, data
         self.model = nn.Conv2d(self.data.channels, self.data.channels, 1).to(device)
         self.emas = [EMA(self.model, rate) for rate in cfg.train.ema_rates]
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.train.lr)
@@ -93,8 +96,14 @@ class ToyTask:
         load_ema_state(self.emas, self.model, state, source)
         self.optimizer.load_state_dict(state["optimizer"])
 
-    def validate(self, step):
+    def validate(self, step, final=False):
         return {}
+
+    def evaluator(self, run_dir):
+        return None  # no sample-quality metric for a toy
+
+    def phema(self):
+        return None  # no post-hoc EMA either
 
     def write_grid(self, path, model, log, tag, step):
         from difftrain.data.images import to_pil
