@@ -13,7 +13,9 @@ that other load on the machine hits both alike:
 Ratios new / old are medians over the rounds. Build a tree of the old commit with
 `git worktree add --detach /tmp/old COMMIT`.
 
-    .venv/bin/python bench/seams_ab.py --old /tmp/old --new . --rounds 4
+    .venv/bin/python bench/seams_ab.py --old /tmp/old --new . --rounds 6 --steps 80 --threads 2 model.norm_groups=32
+
+(`digits` moved from 32 to 24 GroupNorm groups in the same round of work, so both sides are given the old value.)
 
 Writes bench/results/seams_ab.json and .md.
 """
@@ -41,7 +43,8 @@ from difftrain.training import Engine
 steps, warm = int(sys.argv[1]), int(sys.argv[2])
 torch.set_num_threads(int(sys.argv[3]))
 run = tempfile.mkdtemp()
-engine = Engine(load_config("digits", [f"run_dir={run}", "train.progress=false", "train.tensorboard=false"]))
+engine = Engine(load_config("digits", [f"run_dir={run}", "train.progress=false", "train.tensorboard=false",
+                                       *json.loads(sys.argv[4])]))
 lr = engine.cfg.train.lr
 for _ in range(warm):
     engine.train_step(lr)
@@ -61,7 +64,8 @@ print(json.dumps({"train_images_s": steps * engine.cfg.train.batch_size / train_
 
 def measure(tree: Path, args) -> dict:
     env = {**os.environ, "PYTHONPATH": f"{tree / 'src'}", "OMP_NUM_THREADS": str(args.threads)}
-    done = subprocess.run([sys.executable, "-c", WORKER, str(args.steps), str(args.warmup), str(args.threads)],
+    done = subprocess.run([sys.executable, "-c", WORKER, str(args.steps), str(args.warmup), str(args.threads),
+                           json.dumps(args.overrides)],
                           capture_output=True, text=True, env=env, cwd=tree)
     if done.returncode != 0:
         raise SystemExit(f"worker on {tree} failed:\n{done.stderr[-3000:]}")
@@ -76,6 +80,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the digits recipe for both trees (e.g. the "
+                   "recipe values of the old tree where the recipe changed)")
     args = p.parse_args()
     rows: dict[str, list[dict]] = {"old": [], "new": []}
     for r in range(args.rounds):
@@ -91,7 +97,8 @@ def main() -> None:
     m = result["machine"]
     md = [f"# Before/after speed of two trees ({m['cpu']}, {m['date']}, load average {m.get('load_average')})", "",
           f"`digits` recipe, {args.steps} train steps of batch 128 after {args.warmup} warm-up, then 128 samples "
-          f"(DDIM 10 steps, guidance 3), {args.threads} thread(s), {args.rounds} interleaved rounds; medians.", "",
+          f"(DDIM 10 steps, guidance 3), {args.threads} thread(s), {args.rounds} interleaved rounds; medians. "
+          f"Overrides on both sides: {' '.join(args.overrides) or 'none'}. Old tree: `{args.old}`.", "",
           *table(["measure", "old", "new", "new / old"],
                  [[k, f"{med['old'][k]:.1f}", f"{med['new'][k]:.1f}", f"{ratio[k]:.3f}"] for k in ratio])]
     write_results("seams_ab", result, md)
