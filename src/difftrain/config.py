@@ -29,9 +29,8 @@ from difftrain.safe_yaml import YAMLLimitError, load_yaml, read_yaml_text
 class Section:
     """A config section; once `freeze` has run on its config, assigning a field raises FrozenInstanceError.
 
-    The flag lives in the instance's __dict__ (not a field): to_dict / to_yaml / == ignore it and
-    copy.deepcopy keeps it, so a copy of a resolved config is frozen too (`thaw` makes a writable one).
-    """
+    The flag lives in the instance's __dict__ (not a field): to_dict / to_yaml / == ignore it, and copy.deepcopy
+    keeps it, so a copy of a resolved config is frozen too (`thaw` makes a writable one)."""
 
     def __setattr__(self, name: str, value: Any) -> None:
         if self.__dict__.get("_frozen", False):
@@ -140,9 +139,7 @@ class DataConfig(Section):
 
 @dataclass
 class TrainConfig(Section):
-    # the training task (training/tasks TASKS): diffusion | autoencoder | auto (or null): autoencoder when
-    # autoencoder.kind is vq | kl, else diffusion, as runs written before this key did; a run stores the resolved name
-    task: str | None = "auto"
+    task: str | None = "auto"  # diffusion | autoencoder (training/tasks TASKS) | auto / null: from autoencoder.kind
     steps: int = 1000
     budget: str = ""  # replaces steps: wall time (30s, 10m, 2h; lr decay ends there) or images (2M_images); "": off
     batch_size: int = 128

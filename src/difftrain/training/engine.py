@@ -4,9 +4,8 @@ The engine is the same for every task (training/tasks/): it owns the run directo
 checkpoints, stop signals, the process group under torchrun, logging (metrics.jsonl, TensorBoard,
 W&B, the progress bar, images/s), the periodic work (validation, grids, checkpoints, sample quality:
 training/evaluate.py) and the end of the run (safetensors exports, final grids, report.html, the printed
-summary). The task owns the models, optimizers and EMAs and takes one step at a time; it provides the
-evaluation (`task.evaluator(run_dir)`) and the post-hoc EMA (`task.phema()`), which the engine calls
-without knowing which task it runs.
+summary). The task owns the models, optimizers and EMAs, takes one step at a time and provides the
+hooks the engine calls blindly: evaluation (`task.evaluator(run_dir)`) and post-hoc EMA (`task.phema()`).
 
 Run directory layout (see docs/architecture.md):
     config.yaml                   resolved config
@@ -104,9 +103,8 @@ class Engine:
         # Every rank reads the same global batch (batch_size x world size); the task trains on its own slice.
         self.stream = make_stream(self.task.data.train, cfg.train.batch_size * self.world.size, seed=cfg.train.seed,
                                   random_flip=cfg.data.random_flip, device=self.device, transform=data_transform(cfg))
-        # Python's own generator again: nothing of difftrain draws from it while setting up, but third-party modules
-        # imported lazily above may (sklearn imports rich when it is installed, which draws at import), and only in
-        # the first run of a process. Re-seeded, the stream a run starts with is the same whatever was imported.
+        # Re-seeded: modules imported lazily above may draw from Python's generator (sklearn imports rich, which
+        # draws at import), in a process's first run only; the stream a run starts with must not depend on that.
         random.seed(cfg.train.seed)
         self.step, self.skipped, self.nonfinite_run = 0, 0, 0
         self.saved_step = -1  # the step of the checkpoint written last
