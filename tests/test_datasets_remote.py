@@ -1,6 +1,8 @@
 """Data read from URLs (data/remote.py): shards, folders and parquet over a local HTTP server (127.0.0.1),
 fsspec's memory:// and file:// URLs, missing fsspec backends, and URLs that carry credentials. Offline."""
 
+import sys
+
 import pytest
 import torch
 
@@ -113,13 +115,8 @@ def test_fsspec_memory_and_file_urls(site):
 
 @pytest.mark.parametrize("url, package", [("s3://bucket/shards/shards.json", "s3fs"),
                                           ("gs://bucket/shards/shards.json", "gcsfs")])
-def test_a_missing_fsspec_backend_names_the_package_to_install(url, package):
-    pytest.importorskip("fsspec")
-    try:
-        __import__(package)
-        pytest.skip(f"{package} is installed here")
-    except ImportError:
-        pass
+def test_a_missing_fsspec_backend_names_the_package_to_install(url, package, monkeypatch):
+    monkeypatch.setitem(sys.modules, package, None)  # absent even where it is installed: `import` raises ImportError
     with pytest.raises(DataError, match=rf"needs {package} .*pip install {package}"):
         load_data(DataConfig(name="shards", path=url, image_size=8))
 
