@@ -241,20 +241,34 @@ def _inspect_shard(report: Report, url: str, image_size: int, preview: _Preview,
         if limit and seen >= limit:
             break
         seen += 1
-        try:
-            check_label(label, num_classes, url, key)
-            if payload is None:
-                raise ValueError("no image member")
-            with Image.open(io.BytesIO(payload)) as img:
-                size, mode = img.size, img.mode
-            if preview.want(label):
-                preview.add(decode(payload, image_size, 3), label)
-        except (*DECODE_ERRORS, DataError) as e:
-            report.unreadable.append(f"{url}:{key}: {e}" if not isinstance(e, DataError) else str(e))
-            continue
-        report.sizes[f"{size[0]}x{size[1]} {mode}"] += 1
-        counter[report.class_names[label] if report.class_names else str(label)] += 1
+
+        def checked_label() -> int:
+            check_label(label, num_classes, url, key)  # a DataError naming the shard, key and valid range
+            return label
+
+        _add_sample(report, counter, preview, image_size, f"{url}:{key}", payload, "no image member", checked_label,
+                    unlabelled=str(label))
     return seen
+
+
+def _add_sample(report: Report, counter: Counter, preview: _Preview, image_size: int, where: str,
+                payload: bytes | None, missing: str, label_of, unlabelled: str) -> None:
+    """One encoded image of a streamed source into the report: its size and mode, its class (`label_of()`, which
+    may raise a DataError; `unlabelled`: the count's name without class names) and the preview; an image that
+    is missing or does not decode is listed as unreadable at `where`."""
+    try:
+        label = label_of()
+        if payload is None:
+            raise ValueError(missing)
+        with Image.open(io.BytesIO(payload)) as img:
+            size, mode = img.size, img.mode
+        if preview.want(label):
+            preview.add(decode(payload, image_size, 3), label)
+    except (*DECODE_ERRORS, DataError) as e:
+        report.unreadable.append(str(e) if isinstance(e, DataError) else f"{where}: {e}")
+        return
+    report.sizes[f"{size[0]}x{size[1]} {mode}"] += 1
+    counter[report.class_names[label] if report.class_names else unlabelled] += 1
 
 
 def _inspect_parquet(report: Report, spec: str, image_size: int, preview: _Preview, limit: int,
@@ -268,19 +282,8 @@ def _inspect_parquet(report: Report, spec: str, image_size: int, preview: _Previ
             break
         for where, payload, value in data.rows(i)[: limit - seen if limit else None]:
             seen += 1
-            try:
-                label = data.class_index(value, where) if label_column else 0
-                if payload is None:
-                    raise ValueError("no image bytes")
-                with Image.open(io.BytesIO(payload)) as img:
-                    size, mode = img.size, img.mode
-                if preview.want(label):
-                    preview.add(decode(payload, image_size, 3), label)
-            except (*DECODE_ERRORS, DataError) as e:
-                report.unreadable.append(str(e) if isinstance(e, DataError) else f"{where}: {e}")
-                continue
-            report.sizes[f"{size[0]}x{size[1]} {mode}"] += 1
-            counter[report.class_names[label] if report.class_names else "all"] += 1
+            _add_sample(report, counter, preview, image_size, where, payload, "no image bytes",
+                        lambda: data.class_index(value, where) if label_column else 0, unlabelled="all")
     report.counts["all" if not limit else f"first {seen} read"] = sum(counter.values())
     report.counts.update({"files": len(data.files), "row groups": data.num_units})
     if report.class_names:
